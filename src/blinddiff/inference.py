@@ -1,0 +1,365 @@
+"""Blind super-resolution and deblurring with trained weights (SPEC §5): the Python API.
+
+    from blinddiff import BlindDiff
+    model = BlindDiff.from_pretrained("small-x4")          # shipped weights, or a .safetensors path
+    sr, kernel = model.upscale(image, steps=50, seed=0)    # PIL image / numpy array / tensor in, same kind out
+
+`upscale` runs the MAP reverse process of `blinddiff.sampling.sample`: the network estimates the image and
+the kernel at every step, and the kernel-aware gradient of the data term steers the next step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import load_weights, prefixed
+from .config import Config, config_from_dict, load_config
+from .degradation import matlab_bicubic_resize
+from .hardware import autocast, pick_device, resolve_precision
+from .model import MCFormer
+from .sampling import sample, sampling_chain
+
+DEFAULT_WEIGHTS = "small-x4"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
+MIN_LR_SIZE = 8  # LR pixels per side; smaller inputs carry too little to estimate a kernel from
+MAX_UNTILED_PIXELS = 1024 * 1024  # HR pixels processed in one piece before --tile is required
+MAX_PIXELS = 16384 * 16384  # HR pixels at all
+
+
+@dataclass
+class SampleOptions:
+    """Settings of the reverse process (see `blinddiff.sampling.sample`)."""
+
+    steps: int = 50
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    zeta: float = 1.0
+    guidance: str = "kernel-aware"
+    gradient: str = "xt"
+    x0_norm_weight: float = 0.0
+    tile: int | None = None
+    tile_overlap: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def shipped_weights() -> dict[str, dict]:
+    """Name → {"file", "sha256"} of the weights that ship inside the package (`weights/registry.json`)."""
+    registry = WEIGHTS_DIR / "registry.json"
+    return json.loads(registry.read_text()) if registry.is_file() else {}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """A weights file path, or the name of shipped weights (checked against its recorded sha256)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_weights()
+    if str(name_or_path) in shipped:
+        entry = shipped[str(name_or_path)]
+        file = WEIGHTS_DIR / entry["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"shipped weights {name_or_path!r} ({file}) are missing from the installation; "
+                                    f"reinstall blinddiff or pass --weights PATH")
+        if sha256_of(file) != entry["sha256"]:
+            raise ValueError(f"shipped weights {file} fail their sha256 check (corrupt or replaced); reinstall blinddiff")
+        return file
+    names = ", ".join(sorted(shipped)) or "none in this installation"
+    raise FileNotFoundError(f"weights {name_or_path} not found: give a .safetensors file or a shipped name ({names})")
+
+
+def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: bool = False
+               ) -> tuple[MCFormer, Config]:
+    """Build the network of a weights file (EMA weights preferred) and load it strictly.
+
+    `.safetensors` carry their config; `.pt/.pth` files are read only with `allow_pickle` (and then with
+    `weights_only=True`) and need `config` unless they hold one under "config".
+    """
+    path = resolve_weights(weights)
+    if path.suffix in (".pt", ".pth"):
+        if not allow_pickle:
+            raise ValueError(f"{path} is a pickle-based torch file; pass --allow-pt to read it (weights_only=True), "
+                             f"or convert it to .safetensors")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a state dict")
+        state = data.get("ema") or data.get("state_dict") or data
+        if "config" in data and isinstance(data["config"], dict):
+            cfg = config_from_dict(data["config"])
+        elif config is not None:
+            cfg = load_config(config)
+        else:
+            raise ValueError(f"{path} holds no config; pass --config PRESET_OR_FILE with it")
+    else:
+        tensors, cfg, _ = load_weights(path)
+        if config is not None:
+            cfg = load_config(config)
+        state = prefixed(tensors, "ema.") or tensors
+    model = MCFormer(cfg.model)
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    mismatched = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{label}: {', '.join(sorted(keys)[:4])}{' …' if len(keys) > 4 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("wrong shape", mismatched)) if keys)
+        raise ValueError(f"weights {path} do not fit the config {cfg.name!r} ({details}); use the config they "
+                         f"were trained with")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval().requires_grad_(False), cfg
+
+
+def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """PIL image / numpy array / tensor → (rgb [B, 3, h, w] float in [0, 1], alpha [B, 1, h, w] or None, how to undo)."""
+    from PIL import Image
+
+    kind: dict[str, Any] = {}
+    if isinstance(image, Image.Image):
+        kind["type"], kind["mode"] = "pil", image.mode
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = np.asarray(image).astype(np.uint16)
+        else:
+            wanted = "RGBA" if image.mode in ("RGBA", "PA") or "transparency" in image.info else \
+                "LA" if image.mode == "LA" else "L" if image.mode in ("L", "1") else "RGB"
+            image = np.asarray(image.convert(wanted))
+    if isinstance(image, np.ndarray):
+        kind.setdefault("type", "numpy")
+        kind["dtype"], kind["ndim"] = image.dtype, image.ndim
+        if image.dtype == np.uint8:
+            array = image.astype(np.float32) / 255.0
+        elif image.dtype == np.uint16:
+            array = image.astype(np.float32) / 65535.0
+        elif np.issubdtype(image.dtype, np.floating):
+            array = image.astype(np.float32)
+        else:
+            raise ValueError(f"numpy images must be uint8, uint16 or float in [0, 1], got {image.dtype}")
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+            raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in 1–4, got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+    elif isinstance(image, torch.Tensor):
+        kind["type"], kind["batched"], kind["dtype"] = "tensor", image.dim() == 4, image.dtype
+        if image.dim() == 3:
+            image = image[None]
+        if image.dim() != 4 or image.shape[1] not in (1, 2, 3, 4):
+            raise ValueError(f"tensor images must be [C, H, W] or [B, C, H, W] with C in 1–4, got {tuple(image.shape)}")
+        image = image.float()
+    else:
+        raise ValueError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
+    channels = image.shape[1]
+    kind["channels"] = channels
+    alpha = image[:, channels - 1:] if channels in (2, 4) else None
+    colour = image[:, : 3 if channels >= 3 else 1]
+    rgb = colour.expand(-1, 3, -1, -1) if colour.shape[1] == 1 else colour
+    if not torch.isfinite(rgb).all():
+        raise ValueError("input contains NaN or infinite values")
+    return rgb.clamp(0, 1).contiguous(), alpha, kind
+
+
+def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: dict) -> Any:
+    """Undo `to_tensor`: the result in the kind, channel layout and dtype of the input."""
+    from PIL import Image
+
+    colour = rgb.mean(1, keepdim=True) if kind["channels"] in (1, 2) else rgb
+    image = torch.cat([colour, alpha], 1) if alpha is not None else colour
+    image = image.clamp(0, 1)
+    if kind["type"] == "tensor":
+        out = image.to(kind["dtype"]) if kind["dtype"].is_floating_point else image
+        return out if kind["batched"] else out[0]
+    array = image[0].permute(1, 2, 0).cpu().numpy()
+    if kind["type"] == "numpy":
+        if kind["ndim"] == 2:
+            array = array[..., 0]
+        if kind["dtype"] == np.uint8:
+            return np.round(array * 255).astype(np.uint8)
+        if kind["dtype"] == np.uint16:
+            return np.round(array * 65535).astype(np.uint16)
+        return array.astype(kind["dtype"])
+    if kind["dtype"] == np.uint16:
+        return Image.fromarray(np.round(array[..., 0] * 65535).astype(np.uint16))
+    pixels = np.round(array * 255).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+
+
+def check_lr_size(height: int, width: int, scale: int, tile: int | None) -> None:
+    """Refuse inputs too small to carry a kernel and ones too large to process without (or even with) tiling."""
+    if min(height, width) < MIN_LR_SIZE:
+        raise ValueError(f"the image is {width}x{height}; it must be at least {MIN_LR_SIZE}x{MIN_LR_SIZE} pixels")
+    pixels = height * width * scale * scale
+    if pixels > MAX_PIXELS:
+        raise ValueError(f"the {width}x{height} image would give {pixels / 1e6:.0f} MP at ×{scale}; "
+                         f"the limit is {MAX_PIXELS / 1e6:.0f} MP")
+    if tile is None and pixels > MAX_UNTILED_PIXELS:
+        raise ValueError(f"the {width}x{height} image gives {pixels / 1e6:.1f} MP at ×{scale}, too large to process "
+                         f"in one piece; pass --tile 256 (or tile=256) to process it in tiles")
+
+
+class BlindDiff:
+    """A trained MCFormer with its config, ready to run the blind MAP reverse process."""
+
+    def __init__(self, model: MCFormer, cfg: Config, device: torch.device, precision: str = "fp32") -> None:
+        self.model, self.cfg, self.device = model.to(device), cfg, device
+        self.precision = resolve_precision(precision, device)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path = DEFAULT_WEIGHTS, *, device: str = "auto",
+                        precision: str = "fp32", config: str | None = None, allow_pickle: bool = False) -> "BlindDiff":
+        model, cfg = load_model(path_or_name, config=config, allow_pickle=allow_pickle)
+        return cls(model, cfg, pick_device(device), precision)
+
+    @property
+    def scale(self) -> int:
+        return self.cfg.data.scale
+
+    def run(self, lr: torch.Tensor, seeds: list[int], options: SampleOptions, *, kernel: torch.Tensor | None = None,
+            callback: Callable | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched core: lr [B, 3, h, w] in [0, 1], one seed per image → (sr [B, 3, s·h, s·w], kernel [B, k, k])."""
+        if len(seeds) != lr.shape[0]:
+            raise ValueError(f"{lr.shape[0]} images but {len(seeds)} seeds; give one seed per image")
+        check_lr_size(lr.shape[-2], lr.shape[-1], self.scale, options.tile)
+        chain = sampling_chain(self.cfg.diffusion, options.steps)
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        with autocast(self.precision, self.device):
+            sr, estimated = sample(self.model, lr.to(self.device), chain, scale=self.scale, sampler=options.sampler,
+                                   eta=options.eta, zeta=options.zeta, guidance=options.guidance,
+                                   gradient=options.gradient, x0_norm_weight=options.x0_norm_weight,
+                                   kernel=None if kernel is None else kernel.to(self.device),
+                                   downsample=self.cfg.data.downsample, generators=generators, tile=options.tile,
+                                   tile_overlap=options.tile_overlap, callback=callback, progress=progress,
+                                   **options.extra)
+        return sr.float().cpu(), estimated.float().cpu()
+
+    def upscale(self, image: Any, *, seed: int = 0, kernel: torch.Tensor | np.ndarray | None = None,
+                callback: Callable | None = None, progress: bool = False, **options: Any) -> tuple[Any, Any]:
+        """Blind ×s super-resolution of one image (or a tensor batch): returns (sr, kernel) in the input's kind.
+
+        `options` are `SampleOptions` fields (steps, sampler, zeta, guidance, gradient, tile, …); `kernel`
+        switches to non-blind mode with that kernel. Alpha is upscaled separately (bicubic) and re-attached.
+        """
+        rgb, alpha, kind = to_tensor(image)
+        given = None if kernel is None else torch.as_tensor(kernel, dtype=torch.float32)
+        if given is not None and given.dim() == 2:
+            given = given[None].expand(rgb.shape[0], -1, -1)
+        sr, estimated = self.run(rgb, [seed] * rgb.shape[0], SampleOptions(**options), kernel=given,
+                                 callback=callback, progress=progress)
+        alpha_up = None if alpha is None else self.upscale_alpha(alpha)
+        out_kernel: Any = estimated if kind["type"] == "tensor" and kind["batched"] else estimated[0]
+        if kind["type"] != "tensor":
+            out_kernel = out_kernel.numpy()
+        return from_tensor(sr, alpha_up, kind), out_kernel
+
+    def deblur(self, image: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Blind deblurring (a scale-1 model): same as `upscale`."""
+        self.check_deblurring()
+        return self.upscale(image, **kwargs)
+
+    def check_deblurring(self) -> None:
+        """Deblurring needs a scale-1 model; raise a clear error otherwise."""
+        if self.scale != 1:
+            raise ValueError(f"these weights upscale ×{self.scale}; deblurring needs a scale-1 model "
+                             f"(e.g. trained with the paper-deblur preset)")
+
+    def upscale_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
+        """An alpha channel [B, 1, h, w] resized ×s with MATLAB bicubic (not through the diffusion model)."""
+        return matlab_bicubic_resize(alpha.float(), scale=self.scale).clamp(0, 1)
+
+
+def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
+    """A kernel [k, k] as a uint8 picture, scaled to its peak and magnified with nearest-neighbour blocks."""
+    peak = float(kernel.max()) or 1.0
+    pixels = np.round(np.clip(kernel / peak, 0, 1) * 255).astype(np.uint8)
+    return np.kron(pixels, np.ones((magnify, magnify), np.uint8))
+
+
+@dataclass
+class FileJob:
+    source: Path
+    target: Path
+    image: Any  # LoadedImage
+
+
+def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options: SampleOptions, *, seed: int = 0,
+                  batch_size: int = 1, suffix: str = "", ext: str = "auto", save_trajectory: bool = False,
+                  progress: bool = True, log: Callable[[str], None] = print) -> list[str]:
+    """Upscale image files into `out` (module docstring); returns the problems, each naming its input.
+
+    Writes `<stem><suffix>.<ext>`, `<stem>_kernel.npy` and `<stem>_kernel.png`. Grey stays grey, alpha is
+    upscaled separately, 16-bit PNG stays 16-bit. Inputs are never overwritten. Images of the same size are
+    processed `batch_size` at a time, each with the same seed (so batching does not change results).
+    """
+    from tqdm import tqdm
+
+    from .fileio import ImageError, LoadedImage, expand_inputs, load_image, save_image, write_npy, write_png
+
+    if ext not in ("auto", "png", "jpg"):
+        raise ValueError(f"--ext {ext!r} is unknown; use png, jpg or auto")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} is invalid; use 1 or more")
+    out = Path(out)
+    files, problems = expand_inputs(inputs)
+    jobs: list[FileJob] = []
+    for path in files:
+        extension = ext if ext != "auto" else ("jpg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
+        target = out / f"{path.stem}{suffix}.{extension}"
+        try:
+            if target.resolve() == path.resolve():
+                raise ImageError(f"{path}: the output would overwrite this input; use another --out or a --suffix")
+            image = load_image(path)
+            check_lr_size(*image.size, model.scale, options.tile)
+        except (ImageError, ValueError, FileNotFoundError) as err:
+            problems.append(str(err) if str(path) in str(err) else f"{path}: {err}")
+            continue
+        jobs.append(FileJob(path, target, image))
+    groups: dict[tuple[int, int], list[FileJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.image.size, []).append(job)
+    batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not progress or len(jobs) < 2)
+    for batch in batches:
+        lr = torch.stack([torch.from_numpy(job.image.rgb).permute(2, 0, 1) for job in batch])
+        callback = trajectory_writer(out, [job.source.stem for job in batch]) if save_trajectory else None
+        try:
+            sr, kernels = model.run(lr, [seed] * len(batch), options, callback=callback, progress=progress)
+        except (ValueError, RuntimeError) as err:
+            problems.extend(f"{job.source}: {err}" for job in batch)
+            continue
+        for job, image, kernel in zip(batch, sr, kernels):
+            alpha = None
+            if job.image.alpha is not None:
+                alpha_lr = torch.from_numpy(job.image.alpha)[None, None]
+                alpha = model.upscale_alpha(alpha_lr)[0, 0].numpy()
+            save_image(job.target, LoadedImage(image.permute(1, 2, 0).numpy(), alpha, job.image.grey,
+                                               job.image.bit_depth))
+            write_npy(out / f"{job.source.stem}_kernel.npy", kernel.numpy())
+            write_png(out / f"{job.source.stem}_kernel.png", kernel_picture(kernel.numpy()))
+            log(f"{job.source} → {job.target}")
+            bar.update(1)
+    bar.close()
+    return problems
+
+
+def trajectory_writer(out: Path, stems: list[str]) -> Callable:
+    """A sampling callback saving x̂0 and k̂_t of every step to `<stem>_trajectory/` (for Fig. 7a-style plots)."""
+    from .fileio import tensor_to_rgb, write_npy, write_png
+
+    def write(info: Any) -> None:
+        for stem, x0, kernel in zip(stems, info.x0, info.kernel):
+            folder = out / f"{stem}_trajectory"
+            write_png(folder / f"step_{info.index:04d}_x0.png", tensor_to_rgb(x0.float()))
+            write_npy(folder / f"step_{info.index:04d}_kernel.npy", kernel.detach().float().cpu().numpy())
+
+    return write

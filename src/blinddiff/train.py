@@ -1,0 +1,335 @@
+"""Training MCFormer (SPEC §4, paper Eq. 13): one flat loop, from a laptop CPU to torchrun DDP clusters.
+
+Every source of randomness is derived from (seed, step, rank) or (seed, epoch, index): the batch a
+step sees does not depend on what ran before it, so `--resume` after any interruption (even `kill -9`)
+continues bit-identically from the last checkpoint. Rank 0 logs and writes checkpoints; the others wait
+at barriers around each save.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .checkpoint import checkpoint_paths, complete_checkpoints, load_state, load_weights, prefixed, \
+    prune_checkpoints, save_state, save_weights
+from .config import Config, load_config, save_config
+from .data import HRPatches, TrainingDegradation, derive_seed
+from .diffusion import GaussianDiffusion
+from .fileio import expand_path
+from .hardware import autocast, pick_device, resolve_precision
+from .kernels import fit_kernel_pca
+from .model import MCFormer
+
+
+@dataclass
+class Runtime:
+    """Where this process stands in a (possibly distributed) run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Read the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return Runtime(rank, world, local_rank, chosen)
+
+
+class StepBatches(Sampler):
+    """Batches of (epoch, index) keys for one rank, from `start_step` on, forever.
+
+    The global stream is a fresh permutation of the dataset per epoch (seeded by (seed, epoch)); step s
+    of rank r takes positions [(s·world + r)·B, … + B) of that stream, so ranks never share a patch
+    and the data position of a run is just its step.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 start_step: int = 0) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world, self.start_step = rank, world, start_step
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(derive_seed(self.seed, epoch)).permutation(self.size)}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        first = (step * self.world + self.rank) * self.batch_size
+        keys = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, self.size)
+            keys.append((epoch, int(self._permutation(epoch)[offset])))
+        return keys
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def build_model(cfg: Config) -> MCFormer:
+    """The network of a config; a PCA kernel head gets its basis fitted on the training kernel sampler."""
+    model = MCFormer(cfg.model)
+    if cfg.model.kernel_head == "pca":
+        pca = fit_kernel_pca(cfg.data.setting, size=cfg.model.kernel_size, code_length=cfg.model.pca_code_length,
+                             seed=cfg.train.seed)
+        model.set_kernel_basis(pca.mean, pca.components)
+    return model
+
+
+class EMA:
+    """Exponential moving average of the (unwrapped) model's parameters (SPEC §4: decay 0.999).
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates n, so short runs do not
+    export weights that are still mostly the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        ema = list(self.model.parameters())
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up, then ×gamma at every milestone passed (SPEC §4: halve every 100 k iterations)."""
+    warm = min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else 1.0
+    return warm * cfg.train.lr_gamma ** bisect.bisect_right(cfg.train.lr_milestones, step)
+
+
+def rng_state() -> dict:
+    """Every global RNG, in a form `torch.load(weights_only=True)` accepts."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Logger:
+    """Rank-0 logging to stdout, `RUN/log.jsonl` and TensorBoard (when installed)."""
+
+    def __init__(self, run: Path, enabled: bool) -> None:
+        self.enabled, self.path, self.board = enabled, run / "log.jsonl", None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.board = SummaryWriter(str(run / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, record: dict, quiet: bool = False) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(key, value, record["step"])
+        if not quiet:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  flush=True)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def prepare_run(run: Path, config: str | None, overrides: list[str], resume: bool) -> Config:
+    """Resolve the config of a run folder: a new run writes it, a resumed run reads it back (plus overrides)."""
+    saved = run / "config.yaml"
+    if resume and saved.is_file():
+        return load_config(str(saved), overrides)
+    if config is None:
+        raise ValueError(f"no --config given and {saved} does not exist; pass --config PRESET_OR_FILE")
+    if complete_checkpoints(run / "checkpoints") and not resume:
+        raise FileExistsError(f"run folder {run} already has checkpoints; pass --resume to continue it "
+                              f"or choose another --out")
+    return load_config(config, overrides)
+
+
+@dataclass
+class TrainResult:
+    model: MCFormer  # this rank's trained (unwrapped) network
+    ema: MCFormer
+    metrics: dict  # the last logged record
+
+
+def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train `cfg` into the run folder (module docstring); every rank returns its own result."""
+    runtime = setup_runtime(cfg.train.device)
+    run = Path(run)
+    ckpt_dir = run / "checkpoints"
+    if runtime.main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(run / "config.yaml", cfg)
+    device, tc = runtime.device, cfg.train
+    precision = resolve_precision(tc.precision, device)
+    if precision == "fp16":
+        raise ValueError("train.precision fp16 is not supported for training (no loss scaling); use bf16 or fp32")
+
+    torch.manual_seed(derive_seed(tc.seed))  # the same initial weights on every rank
+    model = build_model(cfg).to(device)
+    if tc.init_from:
+        tensors, _, _ = load_weights(expand_path(tc.init_from))
+        model.load_state_dict(prefixed(tensors, "ema.") or tensors)
+    ema = EMA(model, tc.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    start, loss_avg, skipped = 0, math.nan, 0
+    if resume and complete_checkpoints(ckpt_dir):
+        start = complete_checkpoints(ckpt_dir)[-1]
+        weights, state_path = checkpoint_paths(ckpt_dir, start)
+        tensors, _, _ = load_weights(weights)
+        model.load_state_dict(prefixed(tensors, "model."))
+        ema.model.load_state_dict(prefixed(tensors, "ema."))
+        state = load_state(state_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        loss_avg, skipped = state["loss_avg"], state["skipped"]
+    elif resume and runtime.main:
+        print(f"no checkpoint in {ckpt_dir}: starting from step 0", flush=True)
+
+    wrapped: nn.Module = model
+    if runtime.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(wrapped) if tc.compile else wrapped
+
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    degradation = TrainingDegradation.from_config(cfg.data)
+    dataset = HRPatches(cfg.data.root, cfg.data.crop, skip_bad=cfg.data.skip_bad, cache=cfg.data.cache,
+                        seed=tc.seed)
+    batches = StepBatches(len(dataset), tc.batch_size, tc.seed, runtime.rank, runtime.world, start)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.workers,
+                        persistent_workers=cfg.data.workers > 0, pin_memory=device.type == "cuda")
+    logger = Logger(run, runtime.main)
+    bar = None
+    if runtime.main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def save(step: int) -> None:
+        runtime.barrier()
+        if runtime.main:
+            weights, state_path = checkpoint_paths(ckpt_dir, step)
+            tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
+            save_weights(weights, tensors, cfg, step=step)
+            save_state(state_path, {"step": step, "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                                    "loss_avg": loss_avg, "skipped": skipped, "world": runtime.world})
+            prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+        runtime.barrier()
+
+    metrics: dict = {}
+    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "kernel": 0.0, "n": 0}
+    tic = time.perf_counter()
+    model.train()
+    data_iter = iter(loader)
+    for step in range(start, tc.steps):
+        hr = next(data_iter).to(device, non_blocking=True)
+        generator = torch.Generator().manual_seed(derive_seed(tc.seed, step, runtime.rank, 1))
+        with torch.no_grad():
+            hr, lr, kernel = degradation(hr, generator)
+        with autocast(precision, device):
+            losses = diffusion.training_losses(step_model, hr, lr, kernel, generator=generator, cfg=cfg.diffusion)
+        loss = losses["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        summary = torch.stack([losses[k].detach().mean() for k in ("loss", "mse", "vb", "kernel")])
+        if runtime.world > 1:
+            dist.all_reduce(summary)
+            summary /= runtime.world
+        value = float(summary[0])
+        spike = not math.isfinite(value) or (tc.spike_factor > 0 and step - start >= 20 and math.isfinite(loss_avg)
+                                             and value > tc.spike_factor * loss_avg)
+        if spike:  # all ranks see the same reduced loss, so they skip together
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            if runtime.main:
+                logger.log({"step": step + 1, "skipped_loss": value, "skipped_total": skipped})
+        else:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)) if tc.grad_clip > 0 else 0.0
+            optimizer.step()
+            ema.update(model, step)
+            loss_avg = value if not math.isfinite(loss_avg) else 0.98 * loss_avg + 0.02 * value
+            for key, v in zip(("loss", "mse", "vb", "kernel"), summary.tolist()):
+                window[key] += v
+            window["n"] += 1
+            window["grad_norm"] = grad_norm
+        scheduler.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            elapsed = time.perf_counter() - tic
+            n = max(window["n"], 1)
+            metrics = {"step": done, **{k: window[k] / n for k in ("loss", "mse", "vb", "kernel")},
+                       "grad_norm": window.get("grad_norm", 0.0), "lr": optimizer.param_groups[0]["lr"],
+                       "patches_per_s": window["n"] * tc.batch_size * runtime.world / max(elapsed, 1e-9),
+                       "skipped": skipped}
+            logger.log(metrics, quiet=bar is not None)
+            window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "kernel": 0.0, "n": 0}
+            tic = time.perf_counter()
+        if done % tc.checkpoint_every == 0 or done == tc.steps:
+            save(done)
+    if bar is not None:
+        bar.close()
+    if runtime.main and start < tc.steps:
+        save_weights(run / "weights.safetensors", ema.model.state_dict(), cfg, step=tc.steps, kind="ema")
+    logger.close()
+    runtime.barrier()
+    if runtime.world > 1:
+        dist.destroy_process_group()
+    return TrainResult(model, ema.model, metrics)

@@ -1,0 +1,340 @@
+"""The evaluation suite: `evaluate`, `benchmark` (report, resume, torchrun) and `bench-speed`, with a tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blinddiff import evaluation
+from blinddiff.degradation import upsample_bicubic
+from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
+from blinddiff.metrics import psnr, ssim
+from blinddiff.testsets import build_testset
+from conftest import sample_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_ARGS = ["--steps", "2", "--steps-sweep", "1,2", "--trajectory-steps", "3", "--no-progress", "--device", "cpu"]
+
+RUNNER = """
+import argparse, sys
+from blinddiff.evaluation import add_evaluation_commands
+parser = argparse.ArgumentParser(prog="blinddiff")
+add_evaluation_commands(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args()
+sys.exit(args.run(args))
+"""
+
+
+def run_cli(*argv: str) -> int:
+    """The commands as `blinddiff` runs them (cli.main adds them to its parser; errors → exceptions here)."""
+    parser = argparse.ArgumentParser(prog="blinddiff")
+    evaluation.add_evaluation_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.run(args)
+
+
+def textured(which: str, height: int, width: int) -> np.ndarray:
+    """A crop of a scikit-image picture away from its flat top-left corner."""
+    return np.ascontiguousarray(sample_rgb(200, 260, which)[-height:, -width:])
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 cases (×4, σ 2, 11×11 kernels): two 64×64 images (batched together), 48×64 and a grey 64×48."""
+    hr = tmp_path_factory.mktemp("hr")
+    Image.fromarray(sample_rgb(64, 64)).save(hr / "astronaut.png")
+    Image.fromarray(textured("chelsea", 64, 64)).save(hr / "chelsea.png")
+    Image.fromarray(textured("coffee", 48, 64)).save(hr / "coffee.png")
+    Image.fromarray(textured("camera", 64, 48)[..., 0]).save(hr / "camera.png")
+    out = tmp_path_factory.mktemp("bench") / "mini"
+    records, problems = build_testset(hr, out, "iso:2.0", 4, kernel_size=11, log=lambda message: None)
+    assert len(records) == 4 and not problems
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_folder(weights: Path, bench: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert run_cli("benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out", str(out),
+                   "--batch-size", "2", *BENCH_ARGS) == 0
+    return out
+
+
+def cases(bench: Path) -> list[dict]:
+    return json.loads((bench / "manifest.json").read_text())["cases"]
+
+
+def copy_hr_as_sr(bench: Path, folder: Path, suffix: str = "") -> None:
+    """SR = HR and estimated kernels = GT kernels: every metric has a known value."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in cases(bench):
+        shutil.copy(bench / case["hr"], folder / f"{case['name']}{suffix}.png")
+        shutil.copy(bench / case["kernel"], folder / f"{case['name']}_kernel.npy")
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_known_values(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sr = tmp_path / "sr"
+    copy_hr_as_sr(bench, sr, suffix="_x4")
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr), "--suffix", "_x4",
+                   "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")) == 0
+    table = capsys.readouterr().out
+    assert "| sr | 4 | inf | 1.0000 | 0.0000 | inf |" in table
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["metrics"] == ["psnr", "ssim", "kernel_l1", "lr_psnr"]
+    assert [row["name"] for row in result["cases"]] == [c["name"] for c in cases(bench)]
+    for row in result["cases"]:
+        assert row["psnr"] == math.inf and row["ssim"] == pytest.approx(1.0, abs=1e-12)
+        assert row["kernel_l1"] == 0.0 and row["lr_psnr"] == math.inf
+    csv_lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("name,image,group,psnr,ssim,kernel_l1,lr_psnr") and len(csv_lines) == 5
+
+
+def test_evaluate_matches_metrics_on_bicubic_results(bench: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """Finite values: per-image PSNR/SSIM (Y, 4-pixel border) of bicubic ×4, and their means in the table."""
+    sr = tmp_path / "bicubic"
+    sr.mkdir()
+    expected = []
+    for case in cases(bench):
+        up = tensor_to_rgb(upsample_bicubic(rgb_to_tensor(read_rgb(bench / case["lr"])), 4).clamp(0, 1))
+        Image.fromarray(up).save(sr / f"{case['name']}.png")
+        hr = read_rgb(bench / case["hr"])
+        expected.append((float(psnr(up, hr, crop=4)[0]), float(ssim(up, hr, crop=4)[0])))
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr)) == 0  # no kernels: PSNR/SSIM only
+    result = json.loads((sr / "metrics.json").read_text())
+    assert result["metrics"] == ["psnr", "ssim"]
+    got = [[row["psnr"], row["ssim"]] for row in result["cases"]]
+    assert_close(got, [list(pair) for pair in expected], "bicubic")
+    assert 15 < min(p for p, _ in got) and max(p for p, _ in got) < 45
+    mean_psnr = sum(p for p, _ in expected) / len(expected)
+    assert result["mean"]["psnr"] == pytest.approx(mean_psnr, rel=1e-12)
+    assert f"| bicubic | 4 | {mean_psnr:.2f} |" in capsys.readouterr().out
+
+
+def test_evaluate_reports_missing_and_missized_files(bench: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    sr = tmp_path / "sr"
+    copy_hr_as_sr(bench, sr)
+    first, second = cases(bench)[0]["name"], cases(bench)[2]["name"]
+    (sr / f"{first}.png").unlink()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(sr / f"{second}.png")
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr)) == 1
+    captured = capsys.readouterr()
+    assert first in captured.err and f"{second}.png" in captured.err and "40x40" in captured.err
+    assert "2 input(s) failed" in captured.err
+    result = json.loads((sr / "metrics.json").read_text())
+    assert {row["name"] for row in result["cases"]} == {c["name"] for c in cases(bench)} - {first, second}
+    assert len(result["problems"]) == 2 and "| sr | 2 |" in captured.out
+
+
+def test_metrics_that_need_weights_fail_clearly(bench: Path, tmp_path: Path) -> None:
+    sr = tmp_path / "sr"
+    copy_hr_as_sr(bench, sr)
+    base = ["evaluate", "--benchmark", str(bench), "--sr", str(sr)]
+    with pytest.raises(ValueError, match="--lpips-backbone"):
+        run_cli(*base, "--metrics", "psnr,lpips")
+    with pytest.raises(FileNotFoundError, match="no_vgg.pth"):
+        run_cli(*base, "--metrics", "lpips", "--lpips-backbone", str(tmp_path / "no_vgg.pth"),
+                "--lpips-linear", str(tmp_path / "no_lin.pth"))
+    with pytest.raises(FileNotFoundError, match="no_niqe.npz"):
+        run_cli(*base, "--niqe-params", str(tmp_path / "no_niqe.npz"))
+    with pytest.raises(FileNotFoundError, match="no_inception.pth"):
+        run_cli(*base, "--fid-weights", str(tmp_path / "no_inception.pth"))
+    with pytest.raises(ValueError, match="unknown"):
+        run_cli(*base, "--metrics", "psnr,sharpness")
+    with pytest.raises(FileNotFoundError, match="make-benchmark"):
+        run_cli("evaluate", "--benchmark", str(tmp_path), "--sr", str(sr))
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.targets += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+def test_benchmark_writes_results_and_a_self_contained_report(run_folder: Path, bench: Path) -> None:
+    results = json.loads((run_folder / "results.json").read_text())
+    assert set(results["methods"]) == {"blinddiff", "bicubic", "gt-kernel"}
+    names = [c["name"] for c in cases(bench)]
+    for method, data in results["methods"].items():
+        assert [row["name"] for row in data["cases"]] == names and data["mean"]["n"] == 4
+        assert (("kernel_l1" in data["mean"]) == (method == "blinddiff"))
+        assert all((run_folder / method / f"{n}.png").is_file() for n in names)
+    blind = results["methods"]["blinddiff"]
+    assert blind["mean"]["psnr"] == pytest.approx(np.mean([r["psnr"] for r in blind["cases"]]))
+    assert 0 <= blind["mean"]["kernel_l1"] <= 2
+    # the bicubic baseline is plain MATLAB bicubic ×4 of the LR
+    case = cases(bench)[0]
+    up = tensor_to_rgb(upsample_bicubic(rgb_to_tensor(read_rgb(bench / case["lr"])), 4).clamp(0, 1))
+    assert results["methods"]["bicubic"]["cases"][0]["psnr"] == pytest.approx(
+        float(psnr(up, read_rgb(bench / case["hr"]), crop=4)[0]), rel=1e-12)
+    # Fig. 7a traces: one point per step; quality vs steps: 2 step counts × 2 images
+    assert len(results["trajectory"]) == 2 and all(len(t["points"]) == 3 for t in results["trajectory"])
+    assert sorted((p["steps"], p["name"]) for p in results["steps_sweep"]) == sorted(
+        (s, n) for s in (1, 2) for n in (names[0], names[-1]))
+    assert len((run_folder / "results.csv").read_text().splitlines()) == 1 + 3 * 4
+    assert "| blinddiff | 4 |" in (run_folder / "results.md").read_text()
+    # report.html: every referenced file exists, nothing outside the run folder or online
+    links = Links()
+    links.feed((run_folder / "report.html").read_text())
+    images = [t for t in links.targets if t.endswith(".png")]
+    assert len(images) >= 4 * 7 + 4  # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; 4 plots
+    for target in links.targets:
+        assert "://" not in target and not target.startswith("/") and ".." not in target
+        assert (run_folder / target).is_file(), target
+    with Image.open(run_folder / "plots" / "trajectory_psnr_x0.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 200
+
+
+def test_evaluate_on_a_benchmark_run_gives_its_numbers(run_folder: Path, bench: Path, tmp_path: Path) -> None:
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(run_folder / "blinddiff"),
+                   "--json", str(tmp_path / "e.json"), "--csv", str(tmp_path / "e.csv")) == 0
+    again = json.loads((tmp_path / "e.json").read_text())["cases"]
+    recorded = json.loads((run_folder / "results.json").read_text())["methods"]["blinddiff"]["cases"]
+    strip = ("file",)
+    assert [{k: v for k, v in row.items() if k not in strip} for row in again] == recorded
+
+
+def test_benchmark_resumes_without_recomputing(run_folder: Path, bench: Path, weights: Path,
+                                               tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    outputs = sorted(p for method in ("blinddiff", "bicubic", "gt-kernel") for p in (run / method).glob("*.*"))
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    settings = evaluation.BenchmarkSettings(trajectory_steps=3, steps_sweep=(1, 2), batch_size=2)
+    options = evaluation_options(steps=2)
+    outcome = evaluation.run_benchmark(bench, weights, run, options=options, settings=settings, device="cpu",
+                                       log=lambda message: None)
+    assert outcome.computed == {"blinddiff": 0, "bicubic": 0, "gt-kernel": 0}
+    assert outcome.resumed == {"blinddiff": 4, "bicubic": 4, "gt-kernel": 4}
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in outputs)
+    before = json.loads((run_folder / "results.json").read_text())["methods"]
+    assert outcome.results is not None and outcome.results["methods"] == before
+    # a lost record (e.g. killed before it was written) recomputes that case only
+    name = cases(bench)[1]["name"]
+    (run / "blinddiff" / "records" / f"{name}.json").unlink()
+    outcome = evaluation.run_benchmark(bench, weights, run, options=options, settings=settings, device="cpu",
+                                       log=lambda message: None)
+    assert outcome.computed == {"blinddiff": 1, "bicubic": 0, "gt-kernel": 0}
+    assert outcome.results is not None and outcome.results["methods"] == before  # same seed, same result
+    changed = [p.name for p in outputs if p.stat().st_mtime_ns != stamps[p]]
+    assert changed == [f"{name}.png", f"{name}_kernel.npy", f"{name}_kernel.png"]
+    with pytest.raises(ValueError, match="sampling"):
+        evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=3), settings=settings,
+                                 device="cpu", log=lambda message: None)
+
+
+def evaluation_options(**kwargs: object):
+    from blinddiff.inference import SampleOptions
+
+    return SampleOptions(**kwargs)
+
+
+def test_benchmark_argument_errors(bench: Path, weights: Path, tmp_path: Path) -> None:
+    base = ["benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out", str(tmp_path / "r")]
+    with pytest.raises(ValueError, match="bicubc"):
+        run_cli(*base, "--baselines", "bicubc")
+    with pytest.raises(ValueError, match="--limit 0"):
+        run_cli(*base, "--limit", "0")
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
+    build_testset(hr, tmp_path / "x2", "iso:1.5", 2, kernel_size=7, log=lambda message: None)
+    with pytest.raises(ValueError, match="×4 but the test set .* ×2"):
+        run_cli("benchmark", "--benchmark", str(tmp_path / "x2"), "--weights", str(weights), "--out",
+                str(tmp_path / "r2"), "--device", "cpu")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_benchmark_equals_single_process(run_folder: Path, bench: Path, weights: Path,
+                                                          tmp_path: Path) -> None:
+    script = tmp_path / "blinddiff_eval.py"
+    script.write_text(RUNNER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), "benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out",
+                    str(out), *BENCH_ARGS], env=env, check=True, timeout=300, stdout=subprocess.DEVNULL)
+    single = json.loads((run_folder / "results.json").read_text())
+    double = json.loads((out / "results.json").read_text())
+    for key in ("methods", "trajectory", "steps_sweep"):  # equal up to float summation order
+        assert_close(double[key], single[key], key)
+    # each rank upscaled its own shard (case i → rank i mod 2): every record was written once
+    assert len(list((out / "blinddiff" / "records").glob("*.json"))) == 4
+    assert (out / "report.html").is_file()
+
+
+def assert_close(a: object, b: object, where: str) -> None:
+    """Same structure, same strings, floats equal to 1e-6 relative."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), where
+        for key in b:
+            assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{where}[{index}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6), where
+    else:
+        assert a == b, where
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_summaries_and_tables() -> None:
+    rows = [{"name": "a", "group": "sigma 2", "psnr": 30.0, "ssim": 0.5},
+            {"name": "b", "group": "sigma 3", "psnr": 20.0, "ssim": 0.7},
+            {"name": "c", "group": "sigma 3", "psnr": math.inf, "ssim": 1.0}]
+    assert evaluation.summarize(rows[:2], ["psnr", "ssim"]) == {"n": 2, "psnr": 25.0, "ssim": pytest.approx(0.6)}
+    assert evaluation.summarize(rows, ["psnr"])["psnr"] == math.inf
+    groups = evaluation.group_summaries(rows[:2], ["psnr"])
+    assert groups == {"sigma 2": {"n": 1, "psnr": 30.0}, "sigma 3": {"n": 1, "psnr": 20.0}}
+    table = evaluation.markdown_table({"x": evaluation.summarize(rows[:2], ["psnr", "ssim"])},
+                                      ["psnr", "ssim", "lpips"])  # lpips: no values, no column
+    assert table.splitlines() == ["| method | n | PSNR ↑ | SSIM ↑ |", "|---|---:|---:|---:|",
+                                  "| x | 2 | 25.00 | 0.6000 |"]
+
+
+def test_line_plot_draws_each_series(tmp_path: Path) -> None:
+    path = tmp_path / "plot.png"
+    evaluation.line_plot(path, {"a": ([1, 2, 3], [1.0, 2.0, math.inf]), "b": ([1, 2, 3], [3.0, 1.0, 2.0])},
+                         title="t", xlabel="step", ylabel="y", size=(300, 200))
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape == (200, 300, 3)
+    for colour in evaluation._COLOURS[:2]:  # both series are drawn in their colours
+        assert (np.abs(pixels.astype(int) - colour).sum(axis=2) < 30).sum() > 20
+
+
+def test_bench_speed_times_every_variant(capsys: pytest.CaptureFixture) -> None:
+    rows = evaluation.measure_speed("tiny", size=32, steps=2, precisions=("fp32", "bf16"), repeats=1, device="cpu")
+    assert [(r["mode"], r["variant"]) for r in rows] == [
+        (mode, variant) for mode in ("fp32 eager", "bf16 eager") for variant in evaluation.SPEED_VARIANTS]
+    assert all(r["seconds"] > 0 and r["peak_mib"] > 0 and r["increase_mib"] >= 0 for r in rows)
+    table = evaluation.speed_table(rows).splitlines()
+    assert len(table) == 2 + 8 and table[2].startswith("| fp32 eager | forward |") and "| 1.00 | 1.00 |" in table[2]
+    assert run_cli("bench-speed", "--config", "tiny", "--size", "32", "--steps", "2", "--modes", "fp32",
+                   "--repeats", "1", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "| fp32 eager | sample (2 steps) |" in out and "guided step" in out

@@ -1,0 +1,163 @@
+"""The BlindDiff API and the `upscale` command end to end, with a tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blinddiff import BlindDiff
+from blinddiff import inference
+from blinddiff.cli import main
+from blinddiff.config import load_config
+from blinddiff.fileio import load_image
+from blinddiff.model import MCFormer
+from conftest import sample_rgb
+
+FAST = ["--steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(weights: Path) -> BlindDiff:
+    return BlindDiff.from_pretrained(weights, device="cpu")
+
+
+def test_api_accepts_and_returns_each_kind(model: BlindDiff) -> None:
+    rgb = sample_rgb(12, 10)
+    sr, kernel = model.upscale(Image.fromarray(rgb), steps=2, seed=1)
+    assert isinstance(sr, Image.Image) and sr.size == (40, 48) and sr.mode == "RGB"
+    assert isinstance(kernel, np.ndarray) and kernel.shape == (11, 11)
+    assert kernel.min() >= 0 and kernel.sum() == pytest.approx(1, abs=1e-4)
+    grey, _ = model.upscale(rgb[..., 0], steps=2)
+    assert grey.dtype == np.uint8 and grey.shape == (48, 40)
+    deep, _ = model.upscale((rgb[..., 0].astype(np.uint16) * 257), steps=2)
+    assert deep.dtype == np.uint16 and deep.shape == (48, 40)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    out, k = model.upscale(tensor, steps=2, seed=1)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 48, 40) and k.shape == (11, 11)
+    assert np.array_equal(np.asarray(sr), np.round(out.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])
+    out_rgba, _ = model.upscale(Image.fromarray(rgba, "RGBA"), steps=2)
+    assert out_rgba.mode == "RGBA" and (np.asarray(out_rgba)[..., 3] == 200).all()
+    with pytest.raises(ValueError, match="NaN"):
+        model.upscale(torch.full((3, 12, 12), float("nan")), steps=2)
+    with pytest.raises(ValueError, match="at least"):
+        model.upscale(rgb[:4, :4], steps=2)
+
+
+def test_seeds_and_batches(model: BlindDiff) -> None:
+    images = torch.rand(2, 3, 12, 12)
+    first, _ = model.upscale(images[0], steps=3, seed=5)
+    again, _ = model.upscale(images[0], steps=3, seed=5)
+    other, _ = model.upscale(images[0], steps=3, seed=6)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    batch, kernels = model.upscale(images, steps=3, seed=5)
+    assert batch.shape == (2, 3, 48, 48) and kernels.shape == (2, 11, 11)
+    assert torch.allclose(batch[0], first, atol=1e-5)
+
+
+def test_non_blind_mode_returns_the_given_kernel(model: BlindDiff) -> None:
+    given = np.zeros((11, 11), np.float32)
+    given[5, 5] = 1
+    _, kernel = model.upscale(sample_rgb(12, 12), steps=2, kernel=given)
+    assert np.allclose(kernel, given)
+
+
+def make_inputs(folder: Path) -> None:
+    folder.mkdir()
+    rgb = sample_rgb(12, 16)
+    Image.fromarray(rgb).save(folder / "colour.png")
+    Image.fromarray(rgb).save(folder / "photo.jpg", quality=95)
+    Image.fromarray(rgb[..., 1]).save(folder / "grey.png")
+    Image.fromarray(np.dstack([rgb, np.full((12, 16), 99, np.uint8)]), "RGBA").save(folder / "alpha.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "deep.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image at all")
+    Image.fromarray(rgb[:4, :4]).save(folder / "tiny.png")
+
+
+def test_upscale_command(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = tmp_path / "in"
+    make_inputs(inputs)
+    out = tmp_path / "out"
+    code = main(["upscale", str(inputs), "--out", str(out), "--weights", str(weights), "--suffix", "_x4", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1
+    for bad in ("corrupt.png", "empty.png", "notes.jpg", "tiny.png"):
+        assert bad in err
+    assert "colour.png" not in err
+    colour = Image.open(out / "colour_x4.png")
+    assert colour.size == (64, 48) and colour.mode == "RGB"
+    assert Image.open(out / "photo_x4.jpg").format == "JPEG"
+    assert Image.open(out / "grey_x4.png").mode == "L"
+    alpha = Image.open(out / "alpha_x4.png")
+    assert alpha.mode == "RGBA" and (np.asarray(alpha)[..., 3] == 99).all()
+    deep = load_image(out / "deep_x4.png")
+    assert deep.bit_depth == 16 and deep.grey and deep.size == (48, 64)
+    kernel = np.load(out / "colour_kernel.npy")
+    assert kernel.shape == (11, 11) and kernel.sum() == pytest.approx(1, abs=1e-4)
+    assert Image.open(out / "colour_kernel.png").size == (88, 88)
+
+
+def test_upscale_never_overwrites_inputs(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(sample_rgb(12, 12)).save(folder / "a.png")
+    before = (folder / "a.png").read_bytes()
+    assert main(["upscale", str(folder / "a.png"), "--out", str(folder), "--weights", str(weights), *FAST]) == 1
+    assert "overwrite" in capsys.readouterr().err and (folder / "a.png").read_bytes() == before
+
+
+def test_trajectory_and_batching(weights: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(sample_rgb(12, 12, "astronaut" if name == "a" else "coffee")).save(folder / f"{name}.png")
+    assert main(["upscale", str(folder), "--out", str(tmp_path / "one"), "--weights", str(weights), *FAST]) == 0
+    assert main(["upscale", str(folder), "--out", str(tmp_path / "two"), "--weights", str(weights), "--batch-size",
+                 "2", "--save-trajectory", *FAST]) == 0
+    one = np.asarray(Image.open(tmp_path / "one" / "b.png")).astype(int)
+    two = np.asarray(Image.open(tmp_path / "two" / "b.png")).astype(int)
+    assert np.abs(one - two).max() <= 1  # batched = one by one (up to float rounding)
+    assert sorted(p.name for p in (tmp_path / "two" / "a_trajectory").iterdir()) == [
+        "step_0000_kernel.npy", "step_0000_x0.png", "step_0001_kernel.npy", "step_0001_x0.png"]
+
+
+def test_large_input_needs_tiles(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "big.png")
+    assert main(["upscale", str(tmp_path / "big.png"), "--out", str(tmp_path / "o"), "--weights", str(weights),
+                 *FAST]) == 1
+    assert "--tile" in capsys.readouterr().err
+
+
+def test_weight_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "a.png"
+    Image.fromarray(sample_rgb(12, 12)).save(image)
+    run = ["upscale", str(image), "--out", str(tmp_path / "o"), *FAST]
+    assert main([*run, "--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    pt = tmp_path / "tiny.pt"
+    torch.save(MCFormer(load_config("tiny").model).state_dict(), pt)
+    assert main([*run, "--weights", str(pt)]) == 2
+    assert "--allow-pt" in capsys.readouterr().err
+    assert main([*run, "--weights", str(pt), "--allow-pt", "--config", "tiny"]) == 0
+    assert main([*run, "--weights", str(weights), "--config", "small-x4"]) == 2
+    assert "do not fit" in capsys.readouterr().err
+    # Shipped names resolve inside the package, with a sha256 check.
+    monkeypatch.setattr(inference, "WEIGHTS_DIR", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "tiny.safetensors").write_bytes(weights.read_bytes())
+    digest = inference.sha256_of(weights)
+    (tmp_path / "shipped" / "registry.json").write_text(
+        f'{{"tiny": {{"file": "tiny.safetensors", "sha256": "{digest}"}}}}')
+    assert inference.resolve_weights("tiny") == tmp_path / "shipped" / "tiny.safetensors"
+    (tmp_path / "shipped" / "tiny.safetensors").write_bytes(weights.read_bytes() + b" ")
+    with pytest.raises(ValueError, match="sha256"):
+        inference.resolve_weights("tiny")
+    with pytest.raises(FileNotFoundError, match="tiny"):
+        inference.resolve_weights("no-such-model")

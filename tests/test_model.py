@@ -1,0 +1,437 @@
+"""Tests of MCFormer, the denoising network (SPEC §3), on tiny configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blinddiff.model import (
+    GatedFeedForward,
+    MCFormer,
+    MCFormerConfig,
+    ModulatedLayerNorm,
+    TransposedAttention,
+    count_parameters,
+    describe_complexity,
+)
+
+TINY = dict(width=8, blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), refinement_blocks=1,
+            estimator_depth=2, estimator_width=8, kernel_size=7)
+
+
+def tiny(**overrides) -> MCFormer:
+    torch.manual_seed(0)
+    return MCFormer(MCFormerConfig(**{**TINY, **overrides}))
+
+
+def inputs(b: int = 2, h: int = 32, w: int = 24, scale: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(b, 3, h, w, generator=g)
+    lr = torch.rand(b, 3, math.ceil(h / scale), math.ceil(w / scale), generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    return x_t, t, lr
+
+
+def assert_valid_kernels(kernel: torch.Tensor, b: int, k: int) -> None:
+    assert kernel.shape == (b, k, k)
+    assert torch.all(kernel >= 0)
+    torch.testing.assert_close(kernel.sum(dim=(1, 2)), torch.ones(b), atol=1e-5, rtol=0)
+
+
+# --- shapes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_output_shapes(b):
+    model = tiny()
+    x_t, t, lr = inputs(b)
+    out, kernel = model(x_t, t, lr)
+    assert out.shape == (b, 6, 32, 24)
+    assert_valid_kernels(kernel, b, 7)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [(100, 76), (33, 17)])
+@pytest.mark.parametrize("scale", [1, 2, 3, 4])
+@pytest.mark.parametrize("rounding", [math.ceil, math.floor])
+def test_any_size_and_scale(size, scale, rounding):
+    model = tiny().eval()
+    h, w = size
+    x_t = torch.randn(1, 3, h, w)
+    lr = torch.rand(1, 3, rounding(h / scale), rounding(w / scale))
+    with torch.no_grad():
+        out, kernel = model(x_t, torch.tensor([500]), lr)
+    assert out.shape == (1, 6, h, w)
+    assert torch.isfinite(out).all()
+    assert_valid_kernels(kernel, 1, 7)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (9, 2)])
+def test_tiny_images_use_replicate_padding(size):
+    model = tiny().eval()
+    x_t = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out, kernel = model(x_t, torch.tensor([3, 999]), x_t.clone())
+    assert out.shape == (2, 6, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_scale_one_uses_lr_as_is():
+    model = tiny()
+    lr = torch.rand(1, 3, 20, 12)
+    assert model.upsample_lr(lr, (20, 12)) is lr
+    up = model.upsample_lr(lr, (80, 48))
+    torch.testing.assert_close(up, F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False))
+
+
+def test_learned_variance_off_gives_c_channels():
+    model = tiny(learned_variance=False)
+    x_t, t, lr = inputs()
+    out, _ = model(x_t, t, lr)
+    assert out.shape == (2, 3, 32, 24)
+
+
+def test_output_residual_adds_x_t_to_eps_only():
+    with_res, without = tiny(output_residual=True).eval(), tiny(output_residual=False).eval()
+    without.load_state_dict(with_res.state_dict())
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        a, _ = with_res(x_t, t, lr)
+        b, _ = without(x_t, t, lr)
+    torch.testing.assert_close(a[:, :3] - x_t, b[:, :3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[:, 3:], b[:, 3:])
+
+
+def test_scalar_timestep_broadcasts():
+    model = tiny().eval()
+    x_t, _, lr = inputs()
+    with torch.no_grad():
+        a, _ = model(x_t, torch.tensor(250), lr)
+        b, _ = model(x_t, torch.tensor([250.0, 250.0]), lr)
+    torch.testing.assert_close(a, b)
+
+
+# --- conditioning ------------------------------------------------------------
+
+
+def test_output_depends_on_lr_and_t():
+    model = tiny().eval()
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        base, k_base = model(x_t, t, lr)
+        other_lr, k_lr = model(x_t, t, lr.flip(-1))
+        other_t, k_t = model(x_t, (t + 300) % 1000, lr)
+    assert (base - other_lr).abs().max() > 1e-4
+    assert (k_base - k_lr).abs().max() > 0  # the kernel estimator sees the LR
+    assert (base - other_t).abs().max() > 1e-4
+    torch.testing.assert_close(k_base, k_t)  # …but not the timestep
+
+
+def test_kernel_modulation_off():
+    model = tiny(kernel_modulation=False).eval()
+    assert model.kernel_embedding is None
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        out, kernel = model(x_t, t, lr)
+        # Without kernel modulation the image branch ignores the estimator entirely.
+        for p in model.kernel_estimator.parameters():
+            p.add_(torch.randn_like(p))
+        out2, kernel2 = model(x_t, t, lr)
+    assert out.shape == (2, 6, 32, 24)
+    assert_valid_kernels(kernel, 2, 7)
+    torch.testing.assert_close(out, out2)
+    assert (kernel - kernel2).abs().max() > 0
+    assert count_parameters(tiny()) - count_parameters(model) == count_parameters(tiny().kernel_embedding)
+
+
+def test_kernel_modulation_on_uses_the_estimated_kernel():
+    model = tiny().eval()
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        out, _ = model(x_t, t, lr)
+        model.kernel_estimator.project.bias.add_(torch.randn_like(model.kernel_estimator.project.bias))
+        out2, _ = model(x_t, t, lr)
+    assert (out - out2).abs().max() > 1e-5
+
+
+# --- kernel head -------------------------------------------------------------
+
+
+def test_pca_head_gives_valid_kernels_and_uses_the_basis():
+    model = tiny(kernel_head="pca", pca_code_length=5)
+    assert model.kernel_pca_mean.shape == (49,) and model.kernel_pca_basis.shape == (5, 49)
+    x_t, t, lr = inputs()
+    out, kernel = model(x_t, t, lr)
+    assert out.shape == (2, 6, 32, 24)
+    assert_valid_kernels(kernel, 2, 7)
+    out.square().mean().backward()
+    assert model.kernel_estimator.project.weight.grad.abs().sum() > 0
+
+    # A zero basis decodes every code to the (renormalised) mean kernel.
+    target = torch.rand(7, 7)
+    model.set_kernel_basis(target, torch.zeros(5, 7, 7))
+    with torch.no_grad():
+        kernel = model.estimate_kernel(x_t, F.interpolate(lr, size=(32, 24), mode="bicubic"))
+    torch.testing.assert_close(kernel, (target / target.sum()).expand(2, 7, 7), atol=1e-6, rtol=1e-5)
+    assert "kernel_pca_basis" in model.state_dict()
+
+    # Negative taps are clamped to zero.
+    negative = torch.full((49,), -1.0)
+    negative[24] = 1.0
+    model.set_kernel_basis(negative, torch.zeros(5, 49))
+    with torch.no_grad():
+        kernel = model.estimate_kernel(x_t, F.interpolate(lr, size=(32, 24), mode="bicubic"))
+    assert_valid_kernels(kernel, 2, 7)
+    assert kernel[:, 3, 3].min() > 0.999
+
+
+def test_set_kernel_basis_errors():
+    with pytest.raises(ValueError, match="kernel_head='pca'"):
+        tiny().set_kernel_basis(torch.zeros(49), torch.zeros(10, 49))
+    model = tiny(kernel_head="pca", pca_code_length=5)
+    with pytest.raises(ValueError, match=r"\(5, 49\)"):
+        model.set_kernel_basis(torch.zeros(49), torch.zeros(4, 49))
+    with pytest.raises(ValueError, match="49 taps"):
+        model.set_kernel_basis(torch.zeros(48), torch.zeros(5, 49))
+
+
+# --- size --------------------------------------------------------------------
+
+
+def test_paper_preset_parameter_count():
+    model = MCFormer(MCFormerConfig())
+    total = count_parameters(model)
+    assert abs(total - 26_509_267) <= 0.01 * 26_509_267
+    assert total == 26_509_267  # the authors' release, exactly
+    groups = model.parameter_groups()
+    assert sum(groups.values()) == total
+    assert groups["latent"] == 8 * count_parameters(model.latent[0])
+    assert groups["kernel_embedding"] == 441 * 48 + 48 + 48 * 48 + 48
+
+
+def test_describe_complexity():
+    cfg = MCFormerConfig(**TINY)
+    info = describe_complexity(cfg, 64, scale=4)
+    assert info["parameters"] == count_parameters(tiny()) == sum(info["parameters_per_part"].values())
+    assert info["lr_size"] == 16
+    # Everything but the pooled kernel head and the embeddings scales with the pixel count.
+    ratio = describe_complexity(cfg, 128, scale=4)["gflops"] / info["gflops"]
+    assert 3.9 < ratio < 4.0
+    paper = describe_complexity(MCFormerConfig(), 128, scale=4)
+    assert paper["parameters"] == 26_509_267 and 40 < paper["gflops"] < 80
+    with pytest.raises(ValueError, match="hr_size"):
+        describe_complexity(cfg, 0)
+
+
+# --- numerics ----------------------------------------------------------------
+
+
+def test_batch_consistency():
+    model = tiny(heads=(1, 2, 2, 4)).eval()
+    x_t, t, lr = inputs(2, 40, 28)
+    with torch.no_grad():
+        both, k_both = model(x_t, t, lr)
+        for i in range(2):
+            one, k_one = model(x_t[i:i + 1], t[i:i + 1], lr[i:i + 1])
+            torch.testing.assert_close(both[i:i + 1], one, atol=1e-5, rtol=0)
+            torch.testing.assert_close(k_both[i:i + 1], k_one, atol=1e-6, rtol=0)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny(heads=(1, 2, 2, 4))
+    x_t, t, lr = inputs()
+    x_t.requires_grad_(True)
+    out, kernel = model(x_t, t, lr)
+    (out.square().mean() + kernel.square().sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    parts = {
+        "kernel_estimator": [model.kernel_estimator], "time_embedding": [model.time_embedding],
+        "kernel_embedding": [model.kernel_embedding], "encoder": [model.encoders, model.downs],
+        "latent": [model.latent], "decoder": [model.ups, model.reduces, model.decoders],
+        "refinement": [model.refinement], "io": [model.patch_embed, model.output],
+    }
+    assert set(parts) == set(model.parameter_groups())
+    for name, modules in parts.items():
+        norm = sum(p.grad.norm() for m in modules for p in m.parameters())
+        assert norm > 0, name
+    assert x_t.grad is not None and x_t.grad.abs().sum() > 0  # needed by the kernel-aware gradient
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = tiny().eval()
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        ref, k_ref = model(x_t, t, lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, kernel = model(x_t, t, lr)
+    assert kernel.dtype == torch.float32
+    assert_valid_kernels(kernel, 2, 7)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def assert_same_function(module, naive, inputs, atol=1e-5):
+    """module(*inputs) equals naive(*inputs), and so do the gradients w.r.t. the inputs and every parameter
+    (training), and w.r.t. the inputs alone with frozen parameters (the guided sampler's backward)."""
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = module(*inputs)
+    expected = naive(*inputs)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=1e-5)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    wrt = inputs + list(module.parameters())
+    got = torch.autograd.grad((out * weights).sum(), wrt)
+    want = torch.autograd.grad((expected * weights).sum(), wrt)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol * 10, rtol=1e-4)
+    module.requires_grad_(False)
+    try:
+        got = torch.autograd.grad((module(*inputs) * weights).sum(), inputs)
+    finally:
+        module.requires_grad_(True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol * 10, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transposed_attention_matches_naive_formula(heads, channels_last):
+    torch.manual_seed(0)
+    attn = TransposedAttention(8, heads=heads)
+    with torch.no_grad():
+        attn.temperature.copy_(torch.tensor([0.5, 2.0][:heads]).view(heads, 1, 1))
+    x = torch.randn(2, 8, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def naive(x):
+        q, k, v = attn.qkv_dwconv(F.conv2d(x, attn.qkv.weight)).chunk(3, dim=1)
+        q, k, v = (z.reshape(2, heads, 8 // heads, 35) for z in (q, k, v))
+        a = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * attn.temperature
+        return F.conv2d((a.softmax(-1) @ v).reshape(2, 8, 5, 7), attn.project_out.weight)
+
+    assert_same_function(attn, naive, [x])
+
+
+def test_attention_gradient_with_a_zero_channel():
+    # A channel of q that is zero everywhere has a clamped norm: finite gradients, like F.normalize.
+    torch.manual_seed(0)
+    attn = TransposedAttention(4, heads=1)
+    with torch.no_grad():
+        attn.qkv.weight[0].zero_()
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    (grad,) = torch.autograd.grad(attn(x).square().sum(), [x])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gated_feed_forward_matches_naive_formula():
+    torch.manual_seed(0)
+    ffn = GatedFeedForward(6, 2.66)
+    x = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+
+    def naive(x):
+        gate, value = ffn.dwconv(ffn.project_in(x)).chunk(2, dim=1)
+        return ffn.project_out(F.gelu(gate) * value)
+
+    assert_same_function(ffn, naive, [x])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_modulated_layer_norm_matches_naive_formula(batch):
+    torch.manual_seed(0)
+    norm = ModulatedLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(6) + 0.5)
+        norm.bias.copy_(torch.randn(6))
+    x, shift, scale = torch.randn(batch, 6, 4, 3) * 3 + 1, torch.randn(batch, 6), torch.randn(batch, 6)
+
+    def naive(x, shift, scale):
+        mu = x.mean(1, keepdim=True)
+        var = x.var(1, keepdim=True, unbiased=False)
+        ln = (x - mu) / torch.sqrt(var + 1e-5) * norm.weight[:, None, None] + norm.bias[:, None, None]
+        return ln * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
+    assert_same_function(norm, naive, [x, shift, scale])
+
+
+def test_input_gradient_is_batch_consistent():
+    # The guided sampler back-propagates to x_t only; a batch must give each image its own gradient.
+    model = tiny(heads=(1, 2, 2, 4)).eval().requires_grad_(False)
+    x_t, t, lr = inputs(2, 32, 24)
+    weights = torch.randn(2, 6, 32, 24, generator=torch.Generator().manual_seed(5))
+
+    def input_grad(x, t, lr, w):
+        x = x.clone().requires_grad_(True)
+        out, kernel = model(x, t, lr)
+        return torch.autograd.grad((out * w).sum() + 10 * kernel[:, 3, 3].sum(), [x])[0]
+
+    both = input_grad(x_t, t, lr, weights)
+    for i in range(2):
+        one = input_grad(x_t[i:i + 1], t[i:i + 1], lr[i:i + 1], weights[i:i + 1])
+        torch.testing.assert_close(both[i:i + 1], one, atol=1e-5, rtol=1e-4)
+
+
+def test_sinusoidal_time_features():
+    from blinddiff.model import sinusoidal_embedding
+
+    t = torch.tensor([0, 7, 999])
+    emb = sinusoidal_embedding(t, 8)
+    assert emb.shape == (3, 8)
+    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    freqs = 1e4 ** (-torch.arange(4) / 4)
+    torch.testing.assert_close(emb[2, :4], torch.sin(999 * freqs))
+    torch.testing.assert_close(emb[2, 4:], torch.cos(999 * freqs))
+
+
+# --- validation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(blocks=(), heads=()), "at least one level"),
+        (dict(heads=(1, 1, 1)), "one head count per level"),
+        (dict(width=7), "even"),
+        (dict(heads=(3, 1, 1, 1)), "heads"),
+        (dict(kernel_head="gaussian"), "kernel_head"),
+        (dict(kernel_head="pca", pca_code_length=50), "pca_code_length"),
+        (dict(estimator_depth=0), "estimator_depth"),
+        (dict(width=0), "width"),
+        (dict(ffn_expansion=0.0), "ffn_expansion"),
+        (dict(blocks=(1, 1.5, 1, 1)), "integers"),
+        (dict(blocks=(1, -1, 1, 1)), "blocks"),
+        (dict(refinement_blocks=-1), "refinement_blocks"),
+        (dict(kernel_size=0), "kernel_size"),
+    ],
+)
+def test_invalid_configs_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        MCFormerConfig(**{**TINY, **overrides})
+
+
+def test_invalid_inputs_raise():
+    model = tiny()
+    x_t, t, lr = inputs()
+    with pytest.raises(ValueError, match="x_t"):
+        model(x_t[:, :2], t, lr)
+    with pytest.raises(ValueError, match="lr"):
+        model(x_t, t, lr[:1])
+    with pytest.raises(ValueError, match="t must"):
+        model(x_t, t[:1].repeat(3), lr)
+
+
+def test_config_is_a_plain_dataclass():
+    cfg = MCFormerConfig(blocks=[2, 2], heads=[1, 2], width=16)  # lists (YAML) become tuples
+    assert cfg.blocks == (2, 2) and cfg.heads == (1, 2) and cfg.size_multiple == 2
+    assert dataclasses.asdict(cfg)["kernel_head"] == "full"
+    model = MCFormer(cfg)
+    out, kernel = model(torch.randn(1, 3, 9, 11), torch.tensor([1]), torch.rand(1, 3, 3, 3))
+    assert out.shape == (1, 6, 9, 11) and kernel.shape == (1, 21, 21)
+    # One level: no down/up sampling, no padding, odd width allowed.
+    flat = MCFormer(MCFormerConfig(**{**TINY, "width": 5, "blocks": (1,), "heads": (1,)}))
+    out, _ = flat(torch.randn(1, 3, 7, 5), torch.tensor([1]), torch.rand(1, 3, 7, 5))
+    assert out.shape == (1, 6, 7, 5) and flat.cfg.size_multiple == 1

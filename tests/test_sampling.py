@@ -1,0 +1,482 @@
+"""Tests of the MAP reverse process (SPEC §5, Algorithm 2): data term, samplers, guidance, tiles, errors."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blinddiff.degradation import blur, degrade, downsample, matlab_bicubic_resize
+from blinddiff.diffusion import DiffusionConfig, GaussianDiffusion
+from blinddiff.model import MCFormer, MCFormerConfig
+from blinddiff.sampling import (
+    GRADIENTS,
+    GUIDANCE,
+    SAMPLERS,
+    StepInfo,
+    _evaluate,
+    _forward,
+    _tile_grid,
+    data_energy,
+    sample,
+    sampling_chain,
+)
+
+SCALE = 2
+KSIZE = 5
+ALPHAS_CUMPROD = GaussianDiffusion.from_config(DiffusionConfig()).alphas_cumprod  # original 1000-step ᾱ
+
+
+def _gaussian_kernel(sigma: float, size: int = KSIZE) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float32) - size // 2
+    k = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def _smooth_image(batch: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Low-frequency RGB images in [0.15, 0.85] (upsampled noise), [B, 3, size, size]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 4, 4, generator=g)
+    return 0.15 + 0.7 * F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def _lr_of(x0: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    return degrade(x0, kernel, SCALE, quantize=False)
+
+
+def _gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+class PriorDenoiser:
+    """Exact posterior-mean denoiser of a Gaussian prior N(μ, var·I), μ = mean_fn(lr, size).
+
+    var = 0 gives the "oracle" ε of a known x0 = μ. It reads ᾱ at the ORIGINAL step it is given,
+    so a sampler passing respaced indices would break it. Records what it receives.
+    """
+
+    def __init__(self, mean_fn, kernel_fn, var: float = 0.05, learned: bool = True) -> None:
+        self.mean_fn, self.kernel_fn, self.var, self.learned = mean_fn, kernel_fn, var, learned
+        self.sizes: list[tuple[int, int]] = []
+        self.kernels: list[torch.Tensor] = []
+        self.steps: list[int] = []
+
+    def __call__(self, x_t, t, lr):
+        ab = ALPHAS_CUMPROD[t.cpu()].to(x_t).view(-1, 1, 1, 1)
+        mu = self.mean_fn(lr, tuple(x_t.shape[-2:]))
+        x0 = mu + ab.sqrt() * self.var / (ab * self.var + 1 - ab) * (x_t - ab.sqrt() * mu)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        out = torch.cat([eps, 0.3 * torch.tanh(x_t)], 1) if self.learned else eps
+        kernel = self.kernel_fn(x_t, lr)
+        self.sizes.append(tuple(x_t.shape[-2:]))
+        self.kernels.append(kernel.detach().clone())
+        self.steps.extend(t.tolist())
+        return out, kernel
+
+
+def _fixed(x0: torch.Tensor):
+    return lambda lr, size: x0.to(lr)
+
+
+def _upsampled(mode: str = "bicubic"):
+    if mode == "nearest":
+        return lambda lr, size: F.interpolate(lr, size=size, mode="nearest")
+    return lambda lr, size: F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+
+
+def _constant_kernel(kernel: torch.Tensor):
+    return lambda x_t, lr: kernel.to(x_t).expand(x_t.shape[0], -1, -1)
+
+
+def _content_kernel(x_t, lr):
+    """A valid kernel that depends (differentiably) on the tile content."""
+    r = (torch.arange(KSIZE, dtype=x_t.dtype, device=x_t.device) - KSIZE // 2) ** 2
+    d2 = (r[:, None] + r[None, :]).flatten()
+    width = 0.5 + 2.0 * torch.sigmoid(4 * (x_t.mean((1, 2, 3)) + lr.mean((1, 2, 3)) - 0.6))
+    return torch.softmax(-d2[None] / width[:, None], dim=1).view(-1, KSIZE, KSIZE)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    x0 = _smooth_image(1, 16, seed=3)
+    kernel = _gaussian_kernel(1.2)
+    return x0, kernel, _lr_of(x0, kernel)
+
+
+# --------------------------------------------------------------------------- chain and data term
+
+
+def test_sampling_chain_is_evenly_spaced_and_ends_at_T():
+    cfg = DiffusionConfig()
+    chain = sampling_chain(cfg, 10)
+    steps = chain.timestep_map.tolist()
+    assert len(steps) == chain.num_steps == 10
+    assert steps[0] == 0 and steps[-1] == cfg.steps - 1
+    gaps = torch.diff(torch.tensor(steps))
+    assert int(gaps.max() - gaps.min()) <= 1
+    torch.testing.assert_close(chain.alphas_cumprod, ALPHAS_CUMPROD[chain.timestep_map])
+    assert sampling_chain(cfg, 1).timestep_map.tolist() == [cfg.steps - 1]  # one jump from pure noise
+    assert sampling_chain(replace_train(cfg), 4).timestep_map[-1] == cfg.steps - 1  # ignores train_steps
+    for bad in (0, -3, 1001, 2.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            sampling_chain(cfg, bad)
+
+
+def replace_train(cfg: DiffusionConfig) -> DiffusionConfig:
+    return DiffusionConfig(steps=cfg.steps, train_steps=500)
+
+
+def test_data_energy_is_the_unsquared_norm(truth):
+    x0, kernel, lr = truth
+    zero = data_energy(x0, kernel[None], lr, SCALE)
+    assert zero.shape == (1,) and float(zero) < 1e-6
+    delta = 0.05 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    e1 = data_energy(x0 + delta, kernel, lr, SCALE)
+    e2 = data_energy(x0 + 2 * delta, kernel, lr, SCALE)
+    torch.testing.assert_close(e2, 2 * e1, rtol=1e-4, atol=1e-6)  # un-squared: linear in the residual
+    manual = (lr - downsample(blur(x0 + delta, kernel[None]), SCALE)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(e1, manual)
+    # bicubic variant: fixed bicubic degradation, the kernel is not used
+    bic = data_energy(x0, None, lr, SCALE, guidance="bicubic")
+    torch.testing.assert_close(bic, (lr - matlab_bicubic_resize(x0, scale=1 / SCALE)).flatten(1).norm(dim=1))
+    assert float(bic) > 10 * float(zero)
+    # the release's extra 0.1·‖x̂0‖ term, and "none"
+    extra = data_energy(x0 + delta, kernel, lr, SCALE, x0_norm_weight=0.1)
+    torch.testing.assert_close(extra, e1 + 0.1 * (x0 + delta).flatten(1).norm(dim=1))
+    assert torch.equal(data_energy(x0, kernel, lr, SCALE, guidance="none"), torch.zeros(1))
+    # direct downsampling (paper Eq. 1) is a different data term
+    lr_direct = degrade(x0, kernel, SCALE, downsample="direct", quantize=False)
+    assert float(data_energy(x0, kernel, lr_direct, SCALE, downsample="direct")) < 1e-6
+
+
+def test_data_energy_gradient_reaches_image_and_kernel(truth):
+    x0, kernel, lr = truth
+    x = (x0 + 0.05).requires_grad_(True)
+    k = kernel[None].clone().requires_grad_(True)
+    gx, gk = torch.autograd.grad(data_energy(x, k, lr, SCALE).sum(), [x, k])
+    assert gx.abs().sum() > 0 and gk.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- the reverse process
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("guidance", ["none", "kernel-aware"])
+def test_oracle_denoiser_recovers_x0_and_kernel(truth, sampler, guidance):
+    x0, kernel, lr = truth
+    model = PriorDenoiser(_fixed(x0), _constant_kernel(kernel), var=0.0)
+    chain = sampling_chain(DiffusionConfig(), 8)
+    infos: list[StepInfo] = []
+    sr, k = sample(model, lr, chain, scale=SCALE, sampler=sampler, eta=0.5, guidance=guidance,
+                   generators=_gens(1), callback=infos.append)
+    assert sr.shape == x0.shape
+    torch.testing.assert_close(sr, x0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(k, kernel[None])
+    assert model.steps == chain.timestep_map.flip(0).tolist()  # the network sees original steps, T−1 first
+    assert [i.index for i in infos] == list(range(8)) and [i.t for i in infos] == model.steps
+    assert all(float(i.energy.max()) < 1e-4 for i in infos)  # E = 0 at the truth
+
+
+def test_kernel_aware_guidance_lowers_the_data_energy(truth):
+    x0, kernel, lr = truth
+    chain = sampling_chain(DiffusionConfig(), 10)
+    energies, final = {}, {}
+    for guidance in ("none", "kernel-aware"):
+        model = PriorDenoiser(_upsampled("nearest"), _constant_kernel(kernel), var=0.05)  # wrong prior mean
+        infos: list[StepInfo] = []
+        sr, _ = sample(model, lr, chain, scale=SCALE, guidance=guidance, zeta=1.0, generators=_gens(0),
+                       callback=infos.append)
+        if guidance == "none":
+            assert all(float(i.energy) == 0 for i in infos)
+            energies[guidance] = [float(data_energy(i.x0, i.kernel, lr, SCALE)) for i in infos]
+        else:
+            energies[guidance] = [float(i.energy) for i in infos]
+            assert energies[guidance] == pytest.approx([float(data_energy(i.x0, i.kernel, lr, SCALE)) for i in infos])
+        final[guidance] = float(data_energy(sr, kernel, lr, SCALE))
+    assert all(g <= n + 1e-3 for g, n in zip(energies["kernel-aware"], energies["none"]))
+    assert energies["kernel-aware"][-1] < energies["none"][-1] - 0.02
+    assert final["kernel-aware"] < 0.8 * final["none"]
+
+
+def test_bicubic_guidance_ignores_the_kernel_and_kernel_aware_uses_it(truth):
+    x0, kernel, lr = truth
+    chain = sampling_chain(DiffusionConfig(), 4)
+    results = {}
+    for guidance in ("bicubic", "kernel-aware"):
+        for sigma in (0.6, 2.0):
+            model = PriorDenoiser(_upsampled(), _constant_kernel(_gaussian_kernel(sigma)))
+            results[guidance, sigma] = sample(model, lr, chain, scale=SCALE, guidance=guidance, generators=_gens(0))[0]
+    assert torch.equal(results["bicubic", 0.6], results["bicubic", 2.0])
+    assert not torch.allclose(results["kernel-aware", 0.6], results["kernel-aware", 2.0], atol=1e-4)
+
+
+def test_gradient_variants_and_norm_weight_change_the_result(truth):
+    x0, kernel, lr = truth
+    chain = sampling_chain(DiffusionConfig(), 4)
+
+    def run(**kw):
+        model = PriorDenoiser(_upsampled(), _content_kernel)
+        return sample(model, lr, chain, scale=SCALE, generators=_gens(0), **kw)[0]
+
+    xt, x0_variant = run(gradient="xt"), run(gradient="x0")
+    assert torch.isfinite(xt).all() and torch.isfinite(x0_variant).all()
+    assert (xt - x0_variant).abs().max() > 1e-3
+    assert (run(x0_norm_weight=0.1) - xt).abs().max() > 1e-3
+    assert torch.equal(run(zeta=0.0), run(guidance="none"))  # ζ = 0 is no guidance
+    infos: list[StepInfo] = []
+    sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE, zeta=0.0, callback=infos.append)
+    assert all(float(i.energy) == pytest.approx(float(data_energy(i.x0, i.kernel, lr, SCALE))) for i in infos)
+    assert all(float(i.energy) > 0 for i in infos)  # E is still reported when ζ = 0
+
+
+def test_non_blind_mode_uses_the_given_kernel(truth):
+    x0, kernel, lr = truth
+    garbage = torch.zeros(KSIZE, KSIZE)
+    garbage[0, -1] = 1.0  # a shifted delta: badly inconsistent with y
+    chain = sampling_chain(DiffusionConfig(), 6)
+    runs = {}
+    for mode, given in (("blind", None), ("non-blind", kernel[None])):
+        model = PriorDenoiser(_fixed(x0), _constant_kernel(garbage), var=0.0)
+        infos: list[StepInfo] = []
+        sr, k = sample(model, lr, chain, scale=SCALE, kernel=given, generators=_gens(0), callback=infos.append)
+        runs[mode] = (sr, k, infos)
+    sr, k, infos = runs["non-blind"]
+    assert all(float(i.energy) < 1e-4 for i in infos)
+    assert all(torch.equal(i.kernel, kernel[None]) for i in infos)
+    assert torch.equal(k, kernel[None])
+    torch.testing.assert_close(sr, x0, atol=1e-4, rtol=0)
+    sr, k, infos = runs["blind"]
+    assert all(float(i.energy) > 1e-2 for i in infos)
+    assert torch.equal(k, garbage[None])
+
+
+def test_same_seed_same_result_batch_equals_one_by_one():
+    lr = _lr_of(_smooth_image(2, 16, seed=5), _gaussian_kernel(1.5))
+    chain = sampling_chain(DiffusionConfig(), 5)
+
+    def run(images, seeds, **kw):
+        model = PriorDenoiser(_upsampled(), _content_kernel)
+        return sample(model, images, chain, scale=SCALE, generators=_gens(*seeds), **kw)
+
+    a, ka = run(lr, (1, 2))
+    b, kb = run(lr, (1, 2))
+    assert torch.equal(a, b) and torch.equal(ka, kb)
+    c, _ = run(lr, (1, 3))
+    assert torch.equal(a[0], c[0]) and (a[1] - c[1]).abs().max() > 1e-3
+    for i, seed in enumerate((1, 2)):
+        single, k = run(lr[i : i + 1], (seed,))
+        torch.testing.assert_close(single, a[i : i + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(k, ka[i : i + 1], atol=1e-5, rtol=0)
+    d, _ = sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE)  # default: seed 0 each
+    e, _ = run(lr, (0, 0))
+    assert torch.equal(d, e)
+    f, _ = run(lr, (1, 2), sampler="ddim", eta=0.0)
+    g, _ = run(lr, (1, 2), sampler="ddim", eta=0.0)
+    assert torch.equal(f, g)
+
+
+def test_no_graph_survives_a_step_and_no_parameter_gradients(truth):
+    x0, kernel, lr = truth
+
+    class TinyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(6, 6, 3, padding=1)
+            self.head = nn.Linear(6, KSIZE * KSIZE)
+
+        def forward(self, x_t, t, lr):
+            h = torch.cat([x_t, F.interpolate(lr, size=x_t.shape[-2:], mode="nearest")], 1)
+            out = self.conv(h)
+            return out, torch.softmax(self.head(h.mean((2, 3))), 1).view(-1, KSIZE, KSIZE)
+
+    net = TinyNet()
+    refs: list[weakref.ref] = []
+    seen: list[StepInfo] = []
+
+    def callback(info: StepInfo) -> None:
+        for tensor in (info.x_t, info.x0, info.kernel, info.energy):
+            assert tensor.grad_fn is None and not tensor.requires_grad
+        refs.append(weakref.ref(info.x0))
+        seen.append(info) if not seen else None  # keep only the first step alive
+
+    for gradient in GRADIENTS:
+        refs.clear(), seen.clear()
+        sr, k = sample(net, lr, sampling_chain(DiffusionConfig(), 3), scale=SCALE, gradient=gradient,
+                       callback=callback)
+        assert sr.grad_fn is None and k.grad_fn is None and not sr.requires_grad
+        gc.collect()
+        assert refs[0]() is not None and all(r() is None for r in refs[1:-1])
+        assert all(p.grad is None for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def test_tile_weights_are_a_partition_of_unity_on_the_scale_grid():
+    tiles = _tile_grid(40, 56, 16, 6)
+    total = torch.zeros(40, 56, dtype=torch.float64)
+    for tile in tiles:
+        assert tile.top % 2 == 0 and tile.left % 2 == 0 and tile.height == tile.width == 16
+        ys, xs = tile.hr()
+        total[ys, xs] += tile.weight[0, 0]
+        assert float(tile.weight.min()) > 0
+    torch.testing.assert_close(total, torch.ones_like(total))
+    # border tiles are not ramped at the border; an inner overlap is ramped
+    assert float(tiles[0].weight[0, 0, 0, 0]) == pytest.approx(1.0)
+    assert float(tiles[0].weight[0, 0, 0, -1]) < 0.1
+
+
+def test_single_tile_is_exactly_the_untiled_path(truth):
+    x0, kernel, lr = truth
+    chain = sampling_chain(DiffusionConfig(), 3)
+
+    def run(**kw):
+        return sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE,
+                      generators=_gens(0), **kw)
+
+    plain = run()
+    for tile in (16, 32):
+        tiled = run(tile=tile, tile_overlap=4)
+        assert torch.equal(tiled[0], plain[0]) and torch.equal(tiled[1], plain[1])
+
+
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_tiles_leave_no_seam_and_memory_follows_the_tile(gradient):
+    x0 = _smooth_image(1, 48, seed=7)
+    kernel = _gaussian_kernel(1.0)
+    lr = _lr_of(x0, kernel)
+    chain = sampling_chain(DiffusionConfig(), 4)
+
+    def run(**kw):
+        model = PriorDenoiser(_upsampled(), _constant_kernel(kernel))
+        sr, _ = sample(model, lr, chain, scale=SCALE, gradient=gradient, generators=_gens(0), **kw)
+        return sr, model
+
+    plain, _ = run()
+    tiled, model = run(tile=16, tile_overlap=8)
+    assert max(max(s) for s in model.sizes) == 16  # the network never saw more than a tile
+    tol = 2e-3  # the image itself varies by up to ~0.7 between neighbouring pixels
+
+    def seam(diff: torch.Tensor) -> float:  # largest jump of the tiled-minus-untiled difference
+        return max(float(diff.diff(dim=-1).abs().max()), float(diff.diff(dim=-2).abs().max()))
+
+    assert float((tiled - plain).abs().max()) < tol and seam(tiled - plain) < tol
+    hard, _ = run(tile=16, tile_overlap=0)  # without overlap the tile borders show: the check can fail
+    assert seam(hard - plain) > 2 * tol
+
+
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_tiles_share_the_mean_kernel(gradient):
+    lr = _lr_of(_smooth_image(2, 32, seed=9) * torch.linspace(0.3, 1.3, 32), _gaussian_kernel(1.3))
+    model = PriorDenoiser(_upsampled(), _content_kernel)
+    _, k = sample(model, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient,
+                  tile=16, tile_overlap=4)
+    n = len(_tile_grid(32, 32, 16, 4))
+    last = torch.stack(model.kernels[-n:])  # [tiles, B, k, k] of the last step
+    assert (last[0] - last[-1]).abs().max() > 1e-3  # the tiles really disagree
+    torch.testing.assert_close(k, last.mean(0), atol=1e-6, rtol=0)
+
+
+def test_tiled_two_pass_gradient_equals_autograd_through_all_tiles():
+    torch.manual_seed(0)
+    lr = _lr_of(_smooth_image(2, 48, seed=2), _gaussian_kernel(1.3))
+    x_t = torch.randn(2, 3, 48, 48)
+    chain = sampling_chain(DiffusionConfig(), 5)
+    tiles = _tile_grid(48, 48, 16, 6)
+    model = PriorDenoiser(_upsampled(), _content_kernel)
+
+    def energy_fn(x0, k):
+        return data_energy(x0, k, lr, SCALE, x0_norm_weight=0.1)
+
+    index = 2
+    _, kernel, energy, grad = _evaluate(model, x_t, index, chain, lr, tiles=tiles, scale=SCALE,
+                                        energy_fn=energy_fn, guided=True, gradient="xt", clip_x0=True,
+                                        kernel_used=True)
+    x_leaf = x_t.clone().requires_grad_(True)
+    t = torch.full((2,), index)
+    out, k = _forward(model, x_leaf, chain.model_timesteps(t), lr, tiles, SCALE)
+    reference = energy_fn(chain.p_mean_variance(out, x_leaf, t, clip_x0=True)["pred_x0"], k)
+    (expected,) = torch.autograd.grad(reference.sum(), x_leaf)
+    torch.testing.assert_close(energy, reference.detach())
+    torch.testing.assert_close(kernel, k.detach())
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
+    assert float(grad.abs().max()) > 0
+
+
+# --------------------------------------------------------------------------- a real (tiny) MCFormer
+
+
+def test_tiny_mcformer_samples_in_range_without_parameter_grads():
+    cfg = MCFormerConfig(width=8, blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), refinement_blocks=1,
+                         estimator_depth=2, estimator_width=8, kernel_size=KSIZE)
+    torch.manual_seed(0)
+    net = MCFormer(cfg).eval()
+    lr = torch.rand(2, 3, 8, 8)
+    for gradient in GRADIENTS:
+        sr, k = sample(net, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient)
+        assert sr.shape == (2, 3, 16, 16) and k.shape == (2, KSIZE, KSIZE)
+        assert float(sr.min()) >= 0 and float(sr.max()) <= 1
+        torch.testing.assert_close(k.sum((1, 2)), torch.ones(2))
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(ValueError, match="tile=12"):  # tiles must be on the model's size-multiple grid
+        sample(net, lr, sampling_chain(DiffusionConfig(), 1), scale=SCALE, tile=12)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sampler": "euler"}, "sampler='euler'"),
+        ({"guidance": "kernel"}, "guidance='kernel'"),
+        ({"gradient": "x1"}, "gradient='x1'"),
+        ({"downsample": "nearest"}, "downsample='nearest'"),
+        ({"zeta": -1.0}, "zeta=-1.0"),
+        ({"zeta": math.nan}, "zeta=nan"),
+        ({"eta": 1.5}, "eta=1.5"),
+        ({"eta": -0.1}, "eta=-0.1"),
+        ({"x0_norm_weight": -0.1}, "x0_norm_weight"),
+        ({"scale": 0}, "scale=0"),
+        ({"kernel": torch.ones(3, KSIZE, KSIZE) / KSIZE**2}, "kernel shape"),
+        ({"kernel": torch.ones(KSIZE)}, "kernel must be"),
+        ({"kernel": torch.ones(41, 41)}, "too large"),
+        ({"tile": 15}, "tile=15"),
+        ({"tile": 0}, "tile=0"),
+        ({"tile": 8, "tile_overlap": 3}, "tile_overlap=3"),
+        ({"tile": 8, "tile_overlap": 8}, "tile_overlap=8"),
+        ({"generators": _gens(0, 1, 2)}, "generators"),
+    ],
+)
+def test_bad_arguments_raise(truth, kwargs, match):
+    x0, kernel, lr = truth
+    model = PriorDenoiser(_upsampled(), _constant_kernel(kernel))
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+        sample(model, lr.expand(2, -1, -1, -1), sampling_chain(DiffusionConfig(), 2), **{"scale": SCALE, **kwargs})
+    assert not model.sizes  # rejected before any network call
+
+
+def test_bad_inputs_raise(truth):
+    x0, kernel, lr = truth
+    model = PriorDenoiser(_upsampled(), _constant_kernel(kernel))
+    chain = sampling_chain(DiffusionConfig(), 2)
+    with pytest.raises(ValueError, match="lr must be"):
+        sample(model, lr[0], chain, scale=SCALE)
+    bad = lr.clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="input contains NaN"):
+        sample(model, bad, chain, scale=SCALE)
+    with pytest.raises(ValueError, match="chain"):
+        sample(model, lr, DiffusionConfig(), scale=SCALE)
+    with pytest.raises(ValueError, match="shape"):
+        data_energy(x0, kernel, lr[..., :-1], SCALE)
+    with pytest.raises(ValueError, match="needs a kernel"):
+        data_energy(x0, None, lr, SCALE)
+    with pytest.raises(ValueError, match="guidance"):
+        data_energy(x0, kernel, lr, SCALE, guidance="bicubic-based")
+    assert set(GUIDANCE) == {"kernel-aware", "bicubic", "none"}

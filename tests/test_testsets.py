@@ -1,0 +1,167 @@
+"""The benchmark builder and the `make-benchmark` / `degrade` commands, on scikit-image sample pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blinddiff.cli import main
+from blinddiff.degradation import degrade
+from blinddiff.fileio import read_rgb, rgb_to_tensor
+from blinddiff.kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_gaussian8_layout_and_manifest(hr_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--protocol", "gaussian8", "--scale", "4",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["protocol"] == "gaussian8" and manifest["scale"] == 4 and manifest["kernel_size"] == 21
+    cases = manifest["cases"]
+    assert len(cases) == 2 * 8
+    assert {c["name"] for c in cases if c["hr"] == "HR/astronaut.png"} == {f"astronaut_sig{s}" for s in GAUSSIAN8_SIGMAS}
+    hr = np.asarray(Image.open(out / "HR" / "astronaut.png"))
+    assert hr.shape == (68, 80, 3)  # 70x83 mod-cropped to multiples of 4, top-left kept
+    assert np.array_equal(hr, read_rgb(hr_folder / "astronaut.png")[:68, :80])
+    for case in cases:
+        lr = np.asarray(Image.open(out / case["lr"]))
+        hr_case = np.asarray(Image.open(out / case["hr"]))
+        assert lr.dtype == np.uint8 and lr.shape == (hr_case.shape[0] // 4, hr_case.shape[1] // 4, 3)
+        kernel = np.load(out / case["kernel"])
+        assert kernel.dtype == np.float32 and kernel.shape == (21, 21)
+        assert kernel.sum() == pytest.approx(1.0, abs=1e-5)
+        assert case["scale"] == 4 and case["downsample"] == "bicubic" and case["kernel"].startswith("kernels/")
+    # Each LR is exactly the forward model applied to the stored HR with the stored kernel.
+    case = next(c for c in cases if c["name"] == "astronaut_sig2.6")
+    assert case["sigma"] == 2.6
+    expected = degrade(rgb_to_tensor(hr), isotropic_gaussian(2.6, 21), 4, downsample="bicubic", quantize=True)
+    lr = rgb_to_tensor(np.asarray(Image.open(out / case["lr"])))
+    assert torch.equal(lr, expected)
+
+
+def test_same_arguments_give_identical_bytes(hr_folder: Path, tmp_path: Path) -> None:
+    args = ["--hr", str(hr_folder), "--protocol", "aniso", "--scale", "2", "--noise", "0.01", "--seed", "7"]
+    assert main(["make-benchmark", *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["make-benchmark", *args, "--out", str(tmp_path / "b")]) == 0
+    first, second = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
+    assert first == second and len(first) == 2 * 3 + 1
+    assert main(["make-benchmark", *args[:-1], "8", "--out", str(tmp_path / "c")]) == 0
+    assert tree_bytes(tmp_path / "c")["kernels/camera_aniso.npy"] != first["kernels/camera_aniso.npy"]
+    kernels = [np.load(tmp_path / "a" / "kernels" / f"{stem}_aniso.npy") for stem in ("astronaut", "camera")]
+    assert not np.allclose(kernels[0], kernels[1])  # one random kernel per image
+
+
+def test_direct_downsampling_and_deblurring(hr_folder: Path, tmp_path: Path) -> None:
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--protocol", "iso:1.5", "--scale", "3",
+                 "--downsample", "direct", "--out", str(tmp_path / "d")]) == 0
+    lr = np.asarray(Image.open(tmp_path / "d" / "LR" / "astronaut_sig1.5.png"))
+    assert lr.shape == (70 // 3, 83 // 3, 3)
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--protocol", "motion", "--scale", "1",
+                 "--kernel-size", "15", "--out", str(tmp_path / "m")]) == 0
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["kernel_size"] == 15 and manifest["cases"][0]["intensity"] == 0.5
+    lr = np.asarray(Image.open(tmp_path / "m" / "LR" / "astronaut_motion.png"))
+    assert lr.shape == (70, 83, 3)
+
+
+def test_non_empty_output_needs_force(hr_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    args = ["make-benchmark", "--hr", str(hr_folder), "--protocol", "iso:2", "--out", str(out)]
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()
+    assert main([*args, "--force"]) == 0
+    assert (out / "manifest.json").exists() and (out / "keep.txt").read_text() == "precious"
+
+
+def test_bad_inputs_are_named_and_others_processed(hr_folder: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    (hr_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (hr_folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "bench"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--protocol", "iso:2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "empty.jpg" in err
+    names = [c["name"] for c in json.loads((out / "manifest.json").read_text())["cases"]]
+    assert names == ["astronaut_sig2", "camera_sig2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hr", "/nonexistent/folder"], "does not exist"),
+    (["--scale", "0"], "scale 0"),
+    (["--protocol", "iso:abc"], "positive number"),
+    (["--protocol", "gauss9"], "unknown"),
+    (["--noise", "nan"], "noise"),
+    (["--kernel-size", "20"], "odd"),
+])
+def test_make_benchmark_rejects_bad_arguments(hr_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              args: list[str], message: str) -> None:
+    base = {"--hr": str(hr_folder), "--protocol": "gaussian8", "--out": str(tmp_path / "o")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["make-benchmark"] + [x for pair in base.items() for x in pair]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tiny_image_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(folder / "tiny.png")
+    Image.fromarray(np.full((48, 48, 3), 128, np.uint8)).save(folder / "flat.png")
+    assert main(["make-benchmark", "--hr", str(folder), "--protocol", "iso:2", "--out", str(tmp_path / "o")]) == 1
+    assert "tiny.png" in capsys.readouterr().err
+    lr = np.asarray(Image.open(tmp_path / "o" / "LR" / "flat_sig2.png"))
+    assert (lr == 128).all()  # a constant image stays constant through blur + bicubic
+
+
+def test_degrade_command(hr_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "lr"
+    assert main(["degrade", str(hr_folder / "astronaut.png"), "--out", str(out), "--scale", "2",
+                 "--kernel", "aniso:1.5,4,0.3"]) == 0
+    assert np.asarray(Image.open(out / "astronaut.png")).shape == (35, 41, 3)
+    kernel = np.load(out / "astronaut_kernel.npy")
+    assert kernel.shape == (21, 21) and kernel.sum() == pytest.approx(1, abs=1e-5)
+    # A kernel file round-trips: degrading with the saved kernel gives the same LR.
+    assert main(["degrade", str(hr_folder / "astronaut.png"), "--out", str(tmp_path / "again"), "--scale", "2",
+                 "--kernel", str(out / "astronaut_kernel.npy")]) == 0
+    assert (tmp_path / "again" / "astronaut.png").read_bytes() == (out / "astronaut.png").read_bytes()
+    # Folders and globs, random kernels: one per image.
+    assert main(["degrade", str(hr_folder), "--out", str(tmp_path / "r"), "--kernel", "random-iso"]) == 0
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {
+        "astronaut.png", "astronaut_kernel.npy", "camera.png", "camera_kernel.npy"}
+    assert main(["degrade", str(hr_folder / "*.png"), "--out", str(tmp_path / "g"), "--kernel", "motion:0.5",
+                 "--scale", "1", "--kernel-size", "17"]) == 0
+    assert np.load(tmp_path / "g" / "camera_kernel.npy").shape == (17, 17)
+
+
+def test_degrade_bad_inputs(hr_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    negative = tmp_path / "negative.npy"
+    np.save(negative, -np.ones((5, 5), np.float32))
+    out = tmp_path / "o"
+    assert main(["degrade", str(hr_folder), "--out", str(out), "--kernel", str(negative)]) == 2
+    assert "negative.npy" in capsys.readouterr().err
+    assert main(["degrade", str(hr_folder), "--out", str(out), "--kernel", "iso:2", "--kernel-size", "20"]) == 2
+    assert "20" in capsys.readouterr().err
+    assert main(["degrade", str(hr_folder), "--out", str(out), "--kernel", "blurry"]) == 2
+    assert "blurry" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.png")
+    assert main(["degrade", missing, str(hr_folder / "camera.png"), "--out", str(out), "--kernel", "iso:2"]) == 1
+    assert "missing.png" in capsys.readouterr().err
+    assert (out / "camera.png").exists()
+    # Never overwrite an input: degrading a folder into itself is refused per file.
+    before = tree_bytes(hr_folder)
+    assert main(["degrade", str(hr_folder), "--out", str(hr_folder), "--kernel", "iso:2", "--scale", "2"]) == 1
+    assert "overwrite" in capsys.readouterr().err
+    assert all(tree_bytes(hr_folder)[name] == data for name, data in before.items())

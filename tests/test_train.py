@@ -1,0 +1,192 @@
+"""Configs, the training loop, checkpoints, exact resume (also after kill -9) and 2-process DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blinddiff.checkpoint import complete_checkpoints, load_state, load_weights, prefixed, save_weights
+from blinddiff.cli import main
+from blinddiff.config import config_from_dict, config_to_dict, load_config, preset_names
+from blinddiff.diffusion import GaussianDiffusion
+from blinddiff.model import MCFormer, count_parameters
+from blinddiff.train import StepBatches, lr_factor, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(hr_folder: Path, *overrides: str):
+    return load_config("tiny", [f"data.root={hr_folder}", *overrides])
+
+
+def test_presets_load_and_round_trip() -> None:
+    assert {"paper-iso-x4", "paper-aniso-x4", "paper-ffhq-x4", "paper-deblur", "small-x4", "tiny"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.name == name
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+    aniso = load_config("paper-aniso-x4")
+    assert aniso.data.setting == "aniso" and aniso.model == load_config("paper-iso-x4").model
+    assert aniso.train.init_from
+    deblur = load_config("paper-deblur")
+    assert deblur.data.scale == 1 and deblur.model.kernel_size == deblur.data.kernel_size == 64
+
+
+def test_preset_sizes() -> None:
+    assert abs(count_parameters(MCFormer(load_config("paper-iso-x4").model)) - 26_509_267) <= 0.01 * 26_509_267
+    assert count_parameters(MCFormer(load_config("small-x4").model)) <= 3_000_000
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train.lrr"):
+        load_config("tiny", ["train.lrr=1"])
+    with pytest.raises(ValueError, match="model.width"):
+        load_config("tiny", ["model.width=wide"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config("tiny", ["train.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: tiny\nmodel:\n  colour: red\n")
+    with pytest.raises(ValueError, match="model.colour"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match="preset"):
+        load_config("no-such-preset")
+    cfg = load_config("tiny", ["train.lr=2e-4", "model.blocks=[1,2,1,1]", "train.init_from=none"])
+    assert cfg.train.lr == 2e-4 and cfg.model.blocks == (1, 2, 1, 1) and cfg.train.init_from is None
+
+
+def test_step_batches_partition_the_stream() -> None:
+    ranks = [StepBatches(10, 3, seed=1, rank=r, world=2) for r in range(2)]
+    first_epoch = [key for step in range(2) for r in ranks for key in r.batch(step)][:10]
+    assert sorted(index for epoch, index in first_epoch) == list(range(10))  # every image once per epoch
+    assert StepBatches(10, 3, seed=1, rank=1, world=2, start_step=5).batch(5) == ranks[1].batch(5)
+
+
+def test_lr_schedule_halves_at_milestones(hr_folder: Path) -> None:
+    cfg = tiny(hr_folder, "train.lr_milestones=[10,20]", "train.warmup_steps=4")
+    assert [lr_factor(s, cfg) for s in (0, 3, 9, 10, 19, 20)] == [0.25, 1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+def test_tiny_model_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = MCFormer(cfg.model)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    x0 = torch.rand(2, 3, 16, 16)
+    lr = torch.nn.functional.avg_pool2d(x0, 4)
+    kernel = torch.softmax(torch.randn(2, 11 * 11), 1).view(2, 11, 11)
+    t, noise = torch.tensor([30, 70]), torch.randn(2, 3, 16, 16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = diffusion.training_losses(model, x0, lr, kernel, t=t, noise=noise, cfg=cfg.diffusion)["loss"].mean()
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+
+
+def weights_of(run: Path) -> dict[str, torch.Tensor]:
+    return load_weights(run / "weights.safetensors")[0]
+
+
+def test_train_run_folder_and_exact_resume(hr_folder: Path, tmp_path: Path) -> None:
+    cfg = tiny(hr_folder, "train.steps=6", "train.checkpoint_every=3", "train.log_every=3")
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    assert (tmp_path / "straight" / "config.yaml").is_file()
+    assert load_config(str(tmp_path / "straight" / "config.yaml")) == cfg
+    assert len((tmp_path / "straight" / "log.jsonl").read_text().splitlines()) == 2
+    assert complete_checkpoints(tmp_path / "straight" / "checkpoints") == [3, 6]
+    state = load_state(tmp_path / "straight" / "checkpoints" / "step_00000006.state.pt")
+    assert state["step"] == 6 and "optimizer" in state and "rng" in state
+    for key, value in straight.metrics.items():
+        assert value == value, key  # finite, not NaN
+
+    half = tiny(hr_folder, "train.steps=3", "train.checkpoint_every=3", "train.log_every=3")
+    train(half, tmp_path / "resumed", progress=False)
+    assert main(["train", "--out", str(tmp_path / "resumed"), "--resume", "--set", "train.steps=6",
+                 "--no-progress"]) == 0
+    a, b = weights_of(tmp_path / "straight"), weights_of(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = "checkpoints/step_00000006.safetensors"
+    a, b = load_weights(tmp_path / "straight" / ckpt)[0], load_weights(tmp_path / "resumed" / ckpt)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a) and prefixed(a, "model.") and prefixed(a, "ema.")
+
+
+def test_existing_run_needs_resume(hr_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tiny(hr_folder, "train.steps=2", "train.checkpoint_every=2")
+    train(cfg, tmp_path / "run", progress=False)
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.root={hr_folder}"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_safetensors_round_trip_is_exact(tmp_path: Path) -> None:
+    cfg = load_config("tiny")
+    model = MCFormer(cfg.model)
+    save_weights(tmp_path / "w.safetensors", model.state_dict(), cfg, step=7)
+    tensors, loaded_cfg, meta = load_weights(tmp_path / "w.safetensors")
+    assert loaded_cfg == cfg and meta == {"step": 7}
+    assert all(torch.equal(tensors[k], v) for k, v in model.state_dict().items())
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_weights(tmp_path / "junk.safetensors")
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(hr_folder: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "blinddiff.cli", "train", "--config", "tiny", "--no-progress",
+            "--set", f"data.root={hr_folder}", "--set", "train.steps=8", "--set", "train.checkpoint_every=1",
+            "--set", "train.keep_checkpoints=8"]
+    run = tmp_path / "killed"
+    process = subprocess.Popen([*args, "--out", str(run)], env=cli_env(), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(complete_checkpoints(run / "checkpoints")) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "weights.safetensors").exists()
+    subprocess.run([*args, "--out", str(run), "--resume"], env=cli_env(), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*args, "--out", str(tmp_path / "straight")], env=cli_env(), check=True, stdout=subprocess.DEVNULL)
+    a, b = weights_of(run), weights_of(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+DDP_SCRIPT = """
+import os, sys
+from blinddiff.config import load_config
+from blinddiff.train import train
+from safetensors.torch import save_file
+cfg = load_config("tiny", [f"data.root={sys.argv[1]}", "train.steps=4", "train.checkpoint_every=2"])
+result = train(cfg, sys.argv[2], progress=False)
+rank = os.environ["RANK"]
+save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, f"{sys.argv[2]}/rank{rank}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp(hr_folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), str(hr_folder), str(run)], env=cli_env(), check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    rank0, rank1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert complete_checkpoints(run / "checkpoints") == [2, 4] and (run / "weights.safetensors").is_file()
+    halfway = prefixed(load_weights(run / "checkpoints" / "step_00000002.safetensors")[0], "model.")
+    assert any(not torch.equal(rank0[k], v) for k, v in halfway.items())  # it kept training after step 2
