@@ -63,9 +63,9 @@ ALL_METRICS = METRIC_NAMES + SET_METRICS
 DEFAULT_METRICS = ("psnr", "ssim", "kernel_l1", "lr_psnr")
 
 _LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "niqe": "NIQE ↓",
-           "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓"}
+           "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓", "seconds": "s / image ↓"}
 _FORMATS = {"psnr": ".2f", "ssim": ".4f", "lpips": ".4f", "niqe": ".3f", "kernel_l1": ".4f", "lr_psnr": ".2f",
-            "fid": ".2f"}
+            "fid": ".2f", "seconds": ".2f"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +526,7 @@ class BenchmarkSettings:
     seed: int = 0
     batch_size: int = 1
     baselines: tuple[str, ...] = BASELINES
-    limit: int | None = None
+    limit: int | None = None  # only this many cases, spread evenly over the set
     trajectory_cases: int = 2  # images whose reverse process is traced (Fig. 7a)
     trajectory_steps: int | None = None  # steps of those traces (default: the sampling steps)
     steps_sweep: tuple[int, ...] = ()  # numbers of steps for the quality-vs-steps plot
@@ -640,15 +640,18 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
                 problems.append(f"{method} {case['name']}: {err}")
                 continue
             write_json(record_path, record)
-        rows.append({**_case_row(case), **{n: record["metrics"][n] for n in names if n in record["metrics"]}})
+        rows.append({**_case_row(case), **{n: record["metrics"][n] for n in names if n in record["metrics"]},
+                     **({"seconds": record["seconds"]} if "seconds" in record else {})})
         resumed += 1
     bar = tqdm(total=len(pending), desc=method, unit="img", disable=not progress or not pending)
     for batch in _batches(bench, pending, batch_size):
+        started = time.perf_counter()
         try:
             sr, kernels = produce(_lr_batch(bench, batch), batch)
         except (ValueError, RuntimeError) as err:
             problems.extend(f"{method} {case['name']}: {err}" for case in batch)
             continue
+        seconds = (time.perf_counter() - started) / len(batch)  # wall time per image of this batch
         for index, case in enumerate(batch):
             name = case["name"]
             pixels = tensor_to_rgb(sr[index])
@@ -666,8 +669,9 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
             except ValueError as err:
                 problems.append(f"{method} {name}: {err}")
                 continue
-            write_json(folder / "records" / f"{name}.json", {"name": name, "files": files, "metrics": metrics})
-            rows.append({**_case_row(case), **metrics})
+            write_json(folder / "records" / f"{name}.json",
+                       {"name": name, "files": files, "metrics": metrics, "seconds": seconds})
+            rows.append({**_case_row(case), **metrics, "seconds": seconds})
             log(f"{method} {name}: " + ", ".join(f"{k} {_format(k, v)}" for k, v in metrics.items()))
             bar.update(1)
     bar.close()
@@ -818,7 +822,7 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
             raise ValueError(f"weights {weights} upscale ×{model.scale} but the test set {bench.root} is "
                              f"×{bench.scale}; use matching weights or rebuild the test set with "
                              f"--scale {model.scale}")
-        cases = bench.cases[:settings.limit] if settings.limit else list(bench.cases)
+        cases = _spread(bench.cases, settings.limit) if settings.limit else list(bench.cases)
         fingerprint = _fingerprint(resolve_weights(weights), bench, options, settings, model.precision)
         if runtime.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -867,7 +871,7 @@ def _write_outputs(out: Path, bench: BenchmarkSet, cases: list[dict], method_row
                    traces: list[dict], sweep: list[dict], problems: list[str],
                    log: Callable[[str], None]) -> dict:
     """results.json/.csv/.md, plots and report.html (rank 0)."""
-    metrics = suite.names
+    metrics = [*suite.names, "seconds"]
     summaries: dict[str, dict[str, float]] = {}
     groups: dict[str, dict[str, dict[str, float]]] = {}
     for method, rows in method_rows.items():
@@ -973,7 +977,7 @@ def _html_table(summaries: dict[str, dict[str, float]], metrics: Sequence[str], 
 def _write_report(out: Path, bench: BenchmarkSet, method_rows: dict[str, list[dict]],
                   summaries: dict[str, dict[str, float]], table: str, plots: list[tuple[str, str]],
                   settings: BenchmarkSettings, options: SampleOptions) -> None:
-    metrics = [m for m in ALL_METRICS if any(m in s for s in summaries.values())]
+    metrics = [m for m in (*ALL_METRICS, "seconds") if any(m in s for s in summaries.values())]
     methods = list(method_rows)
     finished = [row["name"] for row in method_rows[METHOD]]
     by_name = {case["name"]: case for case in bench.cases}
@@ -1279,7 +1283,8 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     bm.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
     bm.add_argument("--out", required=True, help="run folder (re-running it resumes)")
     bm.add_argument("--baselines", default=",".join(BASELINES), help="some of bicubic,gt-kernel, or none")
-    bm.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    bm.add_argument("--limit", type=int, default=None,
+                    help="only N cases, spread evenly over the set (a stated subset of a large set)")
     bm.add_argument("--trajectory-cases", type=int, default=2, help="images traced along the reverse process")
     bm.add_argument("--trajectory-steps", type=int, default=None, help="steps of those traces (default --steps)")
     bm.add_argument("--steps-sweep", type=_int_list, default=(), help="step counts for quality vs steps, e.g. 2,5,10")
