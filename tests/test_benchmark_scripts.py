@@ -1,0 +1,72 @@
+"""The measurement scripts of benchmarks/ that docs/results.md relies on, run on tiny data and weights."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blinddiff.testsets import build_testset
+from conftest import sample_rgb
+from test_metrics import write_niqe_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run benchmarks/<name> as `python benchmarks/<name> args…` → its exit status."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    try:
+        runpy.run_path(str(REPO / "benchmarks" / name), run_name="__main__")
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def test_sampler_sweep_runs_one_factor_at_a_time(weights: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
+    build_testset(hr, tmp_path / "set", "iso:2.0", 4, kernel_size=11, log=lambda message: None)
+    args = ["--benchmark", str(tmp_path / "set"), "--out", str(tmp_path / "sweep"), "--weights", str(weights),
+            "--steps", "1,2", "--zetas", "0,1", "--gradients", "x0", "--base-steps", "1", "--base-zeta", "1",
+            "--base-gradient", "x0", "--device", "cpu"]
+    assert run_script("sampler_sweep.py", *args, monkeypatch=monkeypatch) == 0
+    rows = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[2:]
+    # steps 1 and 2 at ζ 1; ζ 0 at 1 step (ζ 1 at 1 step only once); DDIM at the base
+    assert [row.split(" | ")[0] for row in rows] == ["| ddpm 1 steps, ζ 1, grad x0", "| ddpm 2 steps, ζ 1, grad x0",
+                                                       "| ddpm 1 steps, ζ 0, grad x0", "| ddim 1 steps, ζ 1, grad x0"]
+    assert len(list((tmp_path / "sweep").glob("*/results.json"))) == 4
+
+
+def test_real_niqe_scores_both_methods_and_resumes(weights: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    photos = tmp_path / "real"
+    photos.mkdir()
+    Image.fromarray(sample_rgb(24, 48)).save(photos / "wide.png")
+    Image.fromarray(sample_rgb(48, 24, "coffee")).save(photos / "tall.jpg")
+    Image.fromarray(sample_rgb(64, 64, "chelsea")).save(photos / "large.png")
+    (photos / "broken.png").write_bytes(b"not an image")
+    params = write_niqe_params(tmp_path / "niqe.npz", 96)
+    out = tmp_path / "out"
+    args = ["--images", str(photos), "--out", str(out), "--niqe-params", str(params), "--weights", str(weights),
+            "--steps", "1", "--max-lr-pixels", "2000"]
+    assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 1  # the broken file is reported
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped"] == ["large.png"]
+    for method in ("bicubic", "blinddiff"):
+        assert [row["name"] for row in results["cases"][method]] == ["tall", "wide"]
+        assert all(np.isfinite(row["niqe"]) for row in results["cases"][method])
+    assert all(row["seconds"] > 0 for row in results["cases"]["blinddiff"])
+    assert (out / "ours" / "wide_kernel.npy").is_file() and (out / "bicubic" / "tall.png").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "ours").iterdir()}
+    (photos / "broken.png").unlink()
+    assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "ours").iterdir()} == stamps  # nothing upscaled again
+    assert json.loads((out / "results.json").read_text())["mean"] == results["mean"]
