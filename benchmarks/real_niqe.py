@@ -17,20 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.evaluation import markdown_table, summarize
-from blinddiff.fileio import ImageError, expand_path, read_rgb, write_json, write_npy, write_png
+from blinddiff.fileio import (ImageError, expand_path, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json,
+                              write_npy, write_png)
 from blinddiff.inference import DEFAULT_WEIGHTS, BlindDiff, SampleOptions, kernel_picture
 from blinddiff.metrics import niqe
 
 REAL = "${BLINDDIFF_DATA:-../shared/data}/real/RealSRSet+5images"
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    return np.round(image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
 def main() -> int:
@@ -64,7 +58,7 @@ def main() -> int:
         if args.max_lr_pixels and lr.shape[0] * lr.shape[1] > args.max_lr_pixels:
             skipped.append(path.name)
             continue
-        lr_tensor = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+        lr_tensor = rgb_to_tensor(lr)
         targets = {"bicubic": out / "bicubic" / f"{path.stem}.png", "blinddiff": out / "ours" / f"{path.stem}.png"}
         timing = out / "ours" / f"{path.stem}_seconds.json"
         if not targets["blinddiff"].is_file():
@@ -73,9 +67,9 @@ def main() -> int:
             write_json(timing, {"seconds": time.perf_counter() - started})
             write_npy(out / "ours" / f"{path.stem}_kernel.npy", kernel[0].numpy())
             write_png(out / "ours" / f"{path.stem}_kernel.png", kernel_picture(kernel[0].numpy()))
-            write_png(targets["blinddiff"], to_uint8(sr[0]))
+            write_png(targets["blinddiff"], tensor_to_rgb(sr[0]))
         if not targets["bicubic"].is_file():
-            write_png(targets["bicubic"], to_uint8(upsample_bicubic(lr_tensor, model.scale)[0]))
+            write_png(targets["bicubic"], tensor_to_rgb(upsample_bicubic(lr_tensor, model.scale)))
         for method, target in targets.items():
             score = float(niqe(read_rgb(target), args.niqe_params)[0])
             row = {"name": path.stem, "group": "all", "niqe": score}
@@ -86,8 +80,8 @@ def main() -> int:
               f"ours {rows['blinddiff'][-1]['niqe']:.3f}", flush=True)
     summaries = {method: summarize(method_rows, ["niqe", "seconds"]) for method, method_rows in rows.items()}
     table = markdown_table(summaries, ["niqe", "seconds"])
-    header = (f"# NIQE on {folder.name}, ×{model.scale}, {options.sampler} {options.steps} steps, ζ {options.zeta:g}, "
-              f"gradient {options.gradient}\n\n")
+    header = (f"# NIQE on {folder.name}, ×{model.scale}, {options.sampler} {options.steps} steps, "
+              f"ζ {options.zeta:g}, gradient {options.gradient}\n\n")
     if skipped:
         header += f"Skipped (more than {args.max_lr_pixels} LR pixels): {', '.join(skipped)}\n\n"
     (out / "results.md").write_text(header + table)

@@ -62,11 +62,11 @@ def main() -> None:
     grid = settings_to_try([int(s) for s in args.steps.split(",")], [float(z) for z in args.zetas.split(",")],
                            args.gradients.split(","), base)
     out = Path(args.out)
+    settings = BenchmarkSettings(baselines=(), trajectory_cases=0, report_cases=4)
     summaries = {}
     for index, options in enumerate(grid):
         name = f"{options.sampler}-{options.steps}-zeta{options.zeta:g}-{options.gradient}"
         print(f"[{index + 1}/{len(grid)}] {label(options)}", flush=True)
-        settings = BenchmarkSettings(baselines=(), trajectory_cases=0, report_cases=4)
         outcome = run_benchmark(args.benchmark, args.weights, out / name, options=options, settings=settings,
                                 device=args.device, log=lambda message: None)
         if outcome.results is None or outcome.problems:

@@ -107,7 +107,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, weights_required: bool
     parser.add_argument("--steps", type=int, default=defaults.steps, help="reverse-process steps")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=defaults.sampler)
     parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (0 = deterministic)")
-    parser.add_argument("--zeta", type=float, default=defaults.zeta, help="step size ζ of the kernel-aware gradient (paper: 1 with --gradient xt)")
+    parser.add_argument("--zeta", type=float, default=defaults.zeta,
+                        help="step size ζ of the kernel-aware gradient (paper: 1 with --gradient xt)")
     parser.add_argument("--guidance", choices=("kernel-aware", "bicubic", "none"), default=defaults.guidance,
                         help="data term between steps (paper: kernel-aware)")
     parser.add_argument("--gradient", choices=("xt", "x0"), default=defaults.gradient,
