@@ -49,8 +49,15 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path} has no blinddiff config in its metadata; it was not written by blinddiff")
-    cfg = config_from_dict(json.loads(meta["config"]))
-    extra = {key: json.loads(value) for key, value in meta.items() if key not in ("format", "config")}
+    try:
+        config = json.loads(meta["config"])
+        extra = {key: json.loads(value) for key, value in meta.items() if key not in ("format", "config")}
+        if not isinstance(config, dict):
+            raise ValueError(f"the config is a {type(config).__name__}, not a mapping of settings")
+        cfg = config_from_dict(config)
+    except ValueError as err:  # JSONDecodeError is a ValueError too
+        raise ValueError(f"{path}: its metadata hold no usable blinddiff config ({err}); the file is damaged or "
+                         f"was not written by blinddiff") from None
     return tensors, cfg, extra
 
 

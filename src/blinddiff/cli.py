@@ -7,10 +7,12 @@ single inputs among many are reported by name, the rest is still processed, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from . import __version__
 
@@ -57,6 +59,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import config_to_dict, load_config
     from .model import describe_complexity
 
+    if args.size is not None and not 8 <= args.size <= 16384:
+        raise ValueError(f"--size {args.size} is invalid; give the HR side in pixels, 8 to 16384 (default: data.crop)")
     cfg = load_config(args.config, args.set)
     size = args.size or cfg.data.crop
     info = {"config": cfg.name, "hr_size": size, "scale": cfg.data.scale, **describe_complexity(cfg.model, size,
@@ -199,17 +203,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class PipeSafeStdout:
+    """stdout that survives a reader going away (`blinddiff … | head -1`): once the pipe is closed, further
+    output is dropped and the work goes on, so no input is left unprocessed because nobody reads the log."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def _closed(self) -> None:
+        with contextlib.suppress(Exception):  # also stop the interpreter's final flush from failing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        self.stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 1 some input or the run failed, 2 bad arguments or setup."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    stdout, sys.stdout = sys.stdout, PipeSafeStdout(sys.stdout)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"blinddiff {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (OSError, FloatingPointError) as err:  # disk full, no permission, a diverged training run …
+        print(f"blinddiff {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("blinddiff: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+FLOAT_TOLERANCE = 1e-3  # float pixels this far outside [0, 1] are rounding, not another scale
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 UMASK = os.umask(0o22)  # read the process umask (the only way is to set it) ...
 os.umask(UMASK)  # ... and put it back
@@ -80,17 +81,42 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+EXIF_ORIENTATION = 0x0112
+EXIF_IFD = 0x8769
+EXIF_SIZE_TAGS = (0xA002, 0xA003)  # PixelXDimension / PixelYDimension: wrong once the image is resized
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) read from the file header only; raises ImageError for unreadable files."""
+    """(height, width) as displayed (EXIF orientation applied), from the file header only; raises ImageError
+    for unreadable files and for files too large to decode safely (Pillow's decompression-bomb limit)."""
     try:
         with Image.open(path) as image:
+            image.verify()  # must come first, right after opening
+        with Image.open(path) as image:
             width, height = image.size
-            image.verify()
+            # Pillow decodes a whole PNG to look for a late eXIf chunk: read only one that precedes the pixels
+            early = image.format != "PNG" or "exif" in image.info
+            if early and image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn swaps the sides
+                width, height = height, width
     except FileNotFoundError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: not a readable image ({err}); remove or replace the file") from None
+    except Exception as err:  # Pillow raises many kinds of errors (DecompressionBombError among them)
+        raise ImageError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
+            from None
     return height, width
+
+
+def check_decodes(path: str | os.PathLike) -> None:
+    """Decode the whole file once (without keeping the pixels); raises ImageError naming it if that fails.
+
+    `image_size` trusts the header and the checksums; a damaged compressed stream only shows when decoding.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:
+        raise ImageError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
+            from None
 
 
 @dataclass
@@ -101,6 +127,8 @@ class LoadedImage:
     alpha: np.ndarray | None  # float32 [H, W] in [0, 1], or None
     grey: bool
     bit_depth: int  # 8 or 16
+    exif: bytes | None = None  # the source's EXIF, orientation applied (so reset) and its pixel size dropped
+    icc_profile: bytes | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -139,13 +167,17 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     try:
         if path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
             return _load_png16(path)
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # a portrait phone photo is stored sideways
+            exif, icc = kept_metadata(opened), opened.info.get("icc_profile")  # after: this drops the orientation
+            if image.mode == "F":
+                return _float_image(path, np.asarray(image, dtype=np.float32), exif, icc)
             if image.mode == "P":
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 grey16 = np.asarray(image, dtype=np.float32) / 65535.0
-                return LoadedImage(np.repeat(grey16.clip(0, 1)[..., None], 3, axis=2), None, True, 16)
+                return LoadedImage(np.repeat(grey16.clip(0, 1)[..., None], 3, axis=2), None, True, 16, exif, icc)
             grey = image.mode in ("L", "LA", "1")
             alpha = np.asarray(image.getchannel("A"), np.float32) / 255.0 if image.mode in ("LA", "RGBA") else None
             rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
@@ -154,7 +186,28 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     except Exception as err:  # Pillow and pypng raise many kinds of errors for corrupt files
         raise ImageError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
             from None
-    return LoadedImage(rgb, alpha, grey, 8)
+    return LoadedImage(rgb, alpha, grey, 8, exif, icc)
+
+
+def kept_metadata(image: Image.Image) -> bytes | None:
+    """The EXIF block still true of a processed copy: orientation reset (it is applied) and pixel size dropped."""
+    exif = image.getexif()
+    if not exif:
+        return None
+    exif.pop(EXIF_ORIENTATION, None)
+    sub = exif.get_ifd(EXIF_IFD)
+    for tag in EXIF_SIZE_TAGS:
+        sub.pop(tag, None)
+    return exif.tobytes()
+
+
+def _float_image(path: Path, grey: np.ndarray, exif: bytes | None, icc: bytes | None) -> LoadedImage:
+    """A 32-bit float image (Pillow mode F, e.g. float TIFF): accepted with values in [0, 1], else refused."""
+    low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+    if not (np.isfinite(grey).all() and low >= -FLOAT_TOLERANCE and high <= 1 + FLOAT_TOLERANCE):
+        raise ImageError(f"{path}: a floating-point image with values in [{low:.4g}, {high:.4g}]; blinddiff reads "
+                         f"float images in [0, 1]; rescale it (or save it as 8/16-bit PNG)")
+    return LoadedImage(np.repeat(grey.clip(0, 1)[..., None], 3, axis=2), None, True, 16, exif, icc)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -185,8 +238,13 @@ def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = 95) -
     pixels = np.round(array * 255.0).astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     picture = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+    options: dict[str, Any] = {"quality": quality} if jpeg else {}
+    if image.exif:
+        options["exif"] = image.exif
+    if image.icc_profile:
+        options["icc_profile"] = image.icc_profile
     with atomic_write(path) as handle:
-        picture.save(handle, format=PIL_FORMATS.get(path.suffix.lower(), "PNG"), **({"quality": quality} if jpeg else {}))
+        picture.save(handle, format=PIL_FORMATS.get(path.suffix.lower(), "PNG"), **options)
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -236,3 +294,72 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             problems.append(f"{item}: no such file, folder or matching image")
         files.extend(p for p in found if p not in files)
     return files, problems
+
+
+def check_output_folder(out: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before any work is done, an output folder that is a file or lies below one."""
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{option} {out}: {folder} is a file, not a folder; choose another {option}")
+            return
+
+
+def check_name_part(text: str, option: str) -> None:
+    """A piece of a file name given as an option (e.g. --suffix) must not lead out of the output folder."""
+    if any(char in text for char in ("/", "\\", "\0")) or text in (".", ".."):
+        raise ValueError(f"{option} {text!r} is part of a file name and must not hold '/', '\\' or be '.'/'..'; "
+                         f"use e.g. _x4")
+
+
+def inside(root: Path, relative: Any, what: str) -> Path:
+    """`root / relative` for a path read from a file (a manifest): refused unless it is a relative path
+    that stays inside `root` (no absolute path, drive or '..')."""
+    if not isinstance(relative, str) or not relative.strip() or "\0" in relative:
+        raise ValueError(f"{what} must be a relative path, got {relative!r}")
+    pure = Path(relative.replace("\\", "/"))
+    if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+        raise ValueError(f"{what} {relative!r} leads outside {root}; paths must stay inside the folder")
+    return root / pure
+
+
+def _same_file_key(path: Path) -> str:
+    return os.path.normcase(str(path.resolve()))
+
+
+def plan_outputs(outputs: dict[Path, list[Path]], option: str = "--out"
+                 ) -> tuple[dict[Path, list[Path]], list[str]]:
+    """Check, before anything is written, the files each input would write (input → its outputs).
+
+    An input is refused, with a problem naming the files, when one of its outputs is an input of the run
+    (itself included), is also an output of another input, or is an existing folder. Returns (the
+    accepted inputs with their outputs, in order; the problems).
+    """
+    inputs = {_same_file_key(path): path for path in outputs}
+    writers: dict[str, list[Path]] = {}
+    for source, targets in outputs.items():
+        for target in targets:
+            writers.setdefault(_same_file_key(target), []).append(source)
+    accepted: dict[Path, list[Path]] = {}
+    problems: list[str] = []
+    for source, targets in outputs.items():
+        problem = None
+        for target in targets:
+            key = _same_file_key(target)
+            others = [other for other in writers[key] if other != source]
+            if key in inputs:
+                problem = f"{source}: its output {target} would overwrite the input {inputs[key]}; " \
+                          f"use another {option} (or a --suffix)"
+            elif others:
+                problem = f"{source}: its output {target} would also be written for {', '.join(map(str, others))}; " \
+                          f"rename one of them or process them separately"
+            elif target.is_dir():
+                problem = f"{source}: its output {target} is a folder; remove it or use another {option}"
+            if problem:
+                break
+        if problem:
+            problems.append(problem)
+        else:
+            accepted[source] = targets
+    return accepted, problems

@@ -22,9 +22,11 @@ import torch
 from .checkpoint import load_weights, prefixed
 from .config import Config, config_from_dict, load_config
 from .degradation import matlab_bicubic_resize
+from .fileio import FLOAT_TOLERANCE
 from .hardware import autocast, pick_device, resolve_precision
+from .kernels import validate_kernel
 from .model import MCFormer
-from .sampling import sample, sampling_chain
+from .sampling import check_options, sample, sampling_chain
 
 DEFAULT_WEIGHTS = "small-x4"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
@@ -70,13 +72,14 @@ def sha256_of(path: Path) -> str:
 
 
 def resolve_weights(name_or_path: str | Path) -> Path:
-    """A weights file path, or the name of shipped weights (checked against its recorded sha256)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
+    """The file of shipped weights (checked against its recorded sha256) or a weights file path.
+
+    A shipped name always means the shipped weights, whatever lies in the working directory; a local
+    file of the same name is reached with a path (`./small-x4`).
+    """
     shipped = shipped_weights()
-    if str(name_or_path) in shipped:
-        entry = shipped[str(name_or_path)]
+    if isinstance(name_or_path, str) and name_or_path in shipped:
+        entry = shipped[name_or_path]
         file = WEIGHTS_DIR / entry["file"]
         if not file.is_file():
             raise FileNotFoundError(f"shipped weights {name_or_path!r} ({file}) are missing from the installation; "
@@ -84,6 +87,9 @@ def resolve_weights(name_or_path: str | Path) -> Path:
         if sha256_of(file) != entry["sha256"]:
             raise ValueError(f"shipped weights {file} fail their sha256 check (corrupt or replaced); reinstall blinddiff")
         return file
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
     names = ", ".join(sorted(shipped)) or "none in this installation"
     raise FileNotFoundError(f"weights {name_or_path} not found: give a .safetensors file or a shipped name ({names})")
 
@@ -100,10 +106,17 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
         if not allow_pickle:
             raise ValueError(f"{path} is a pickle-based torch file; pass --allow-pt to read it (weights_only=True), "
                              f"or convert it to .safetensors")
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's own message would suggest weights_only=False: never do that here
+            raise ValueError(f"{path} cannot be read as plain tensors ({type(err).__name__}): it is damaged, not a "
+                             f"torch file, or holds Python objects other than tensors; use .safetensors weights") \
+                from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a state dict")
         state = data.get("ema") or data.get("state_dict") or data
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} does not hold a state dict of tensors")
         if "config" in data and isinstance(data["config"], dict):
             cfg = config_from_dict(data["config"])
         elif config is not None:
@@ -115,21 +128,38 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
         if config is not None:
             cfg = load_config(config)
         state = prefixed(tensors, "ema.") or tensors
-    model = MCFormer(cfg.model)
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-    mismatched = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+    with torch.device("meta"):  # shapes only: a config from a file may ask for a huge network
+        expected = MCFormer(cfg.model).state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
         details = "; ".join(f"{label}: {', '.join(sorted(keys)[:4])}{' …' if len(keys) > 4 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("wrong shape", mismatched)) if keys)
         raise ValueError(f"weights {path} do not fit the config {cfg.name!r} ({details}); use the config they "
                          f"were trained with")
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise ValueError(f"weights {path} hold NaN or infinite values ({', '.join(broken[:4])}"
+                         f"{' …' if len(broken) > 4 else ''}); they come from a diverged run: use other weights")
+    model = MCFormer(cfg.model)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), cfg
 
 
+def _unit_range(values: torch.Tensor | np.ndarray, what: str) -> None:
+    """Float pixels must be in [0, 1]: a 0–255 float image would otherwise be clamped to white."""
+    low, high = float(values.min()), float(values.max())
+    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+        raise ValueError(f"float {what} must hold values in [0, 1], got [{low:.4g}, {high:.4g}]; divide 0–255 "
+                         f"images by 255 (or pass them as uint8)")
+
+
 def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """PIL image / numpy array / tensor → (rgb [B, 3, h, w] float in [0, 1], alpha [B, 1, h, w] or None, how to undo)."""
+    """PIL image / numpy array / tensor → (rgb [B, 3, h, w] float in [0, 1], alpha [B, 1, h, w] or None, how to undo).
+
+    Integer pixels are scaled by their type's range (uint8 /255, uint16 /65535); float pixels must be in [0, 1].
+    """
     from PIL import Image
 
     kind: dict[str, Any] = {}
@@ -137,6 +167,8 @@ def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         kind["type"], kind["mode"] = "pil", image.mode
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             image = np.asarray(image).astype(np.uint16)
+        elif image.mode == "F":
+            image = np.asarray(image, dtype=np.float32)
         else:
             wanted = "RGBA" if image.mode in ("RGBA", "PA") or "transparency" in image.info else \
                 "LA" if image.mode == "LA" else "L" if image.mode in ("L", "1") else "RGB"
@@ -163,17 +195,24 @@ def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
             image = image[None]
         if image.dim() != 4 or image.shape[1] not in (1, 2, 3, 4):
             raise ValueError(f"tensor images must be [C, H, W] or [B, C, H, W] with C in 1–4, got {tuple(image.shape)}")
-        image = image.float()
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        elif image.is_floating_point():
+            image = image.float()
+        else:
+            raise ValueError(f"tensor images must be uint8 or float in [0, 1], got {image.dtype}")
     else:
         raise ValueError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
     channels = image.shape[1]
     kind["channels"] = channels
+    if not torch.isfinite(image).all():
+        raise ValueError("input contains NaN or infinite values")
+    _unit_range(image, "images")
+    image = image.clamp(0, 1)
     alpha = image[:, channels - 1:] if channels in (2, 4) else None
     colour = image[:, : 3 if channels >= 3 else 1]
     rgb = colour.expand(-1, 3, -1, -1) if colour.shape[1] == 1 else colour
-    if not torch.isfinite(rgb).all():
-        raise ValueError("input contains NaN or infinite values")
-    return rgb.clamp(0, 1).contiguous(), alpha, kind
+    return rgb.contiguous(), alpha, kind
 
 
 def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: dict) -> Any:
@@ -184,7 +223,8 @@ def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: dict) -> An
     image = torch.cat([colour, alpha], 1) if alpha is not None else colour
     image = image.clamp(0, 1)
     if kind["type"] == "tensor":
-        out = image.to(kind["dtype"]) if kind["dtype"].is_floating_point else image
+        out = image.to(kind["dtype"]) if kind["dtype"].is_floating_point else \
+            image.mul(255).round().to(torch.uint8)
         return out if kind["batched"] else out[0]
     array = image[0].permute(1, 2, 0).cpu().numpy()
     if kind["type"] == "numpy":
@@ -197,8 +237,24 @@ def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: dict) -> An
         return array.astype(kind["dtype"])
     if kind["dtype"] == np.uint16:
         return Image.fromarray(np.round(array[..., 0] * 65535).astype(np.uint16))
+    if kind["dtype"] == np.float32:
+        return Image.fromarray(np.ascontiguousarray(array[..., 0]), "F")
     pixels = np.round(array * 255).astype(np.uint8)
     return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+
+
+def given_kernels(kernel: torch.Tensor | np.ndarray, batch: int) -> torch.Tensor:
+    """A non-blind kernel [k, k] or [B, k, k] from the API, checked and normalised → float32 [B, k, k]."""
+    array = kernel.detach().cpu().numpy() if isinstance(kernel, torch.Tensor) else np.asarray(kernel)
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"kernel must be a numeric array [k, k] or [B, k, k], got {array.dtype}")
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"kernel must be [k, k] or [B, k, k], got shape {array.shape}")
+    kernels = torch.stack([validate_kernel(k, "kernel" if len(array) == 1 else f"kernel {i}", square=True)
+                           for i, k in enumerate(array)])
+    return kernels.expand(batch, -1, -1) if len(kernels) == 1 else kernels
 
 
 def check_lr_size(height: int, width: int, scale: int, tile: int | None) -> None:
@@ -236,6 +292,7 @@ class BlindDiff:
         """Batched core: lr [B, 3, h, w] in [0, 1], one seed per image → (sr [B, 3, s·h, s·w], kernel [B, k, k])."""
         if len(seeds) != lr.shape[0]:
             raise ValueError(f"{lr.shape[0]} images but {len(seeds)} seeds; give one seed per image")
+        self.check_options(options, seeds)
         check_lr_size(lr.shape[-2], lr.shape[-1], self.scale, options.tile)
         chain = sampling_chain(self.cfg.diffusion, options.steps)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -247,7 +304,21 @@ class BlindDiff:
                                    downsample=self.cfg.data.downsample, generators=generators, tile=options.tile,
                                    tile_overlap=options.tile_overlap, callback=callback, progress=progress,
                                    **options.extra)
-        return sr.float().cpu(), estimated.float().cpu()
+        sr, estimated = sr.float().cpu(), estimated.float().cpu()
+        if not (bool(torch.isfinite(sr).all()) and bool(torch.isfinite(estimated).all())):
+            raise ValueError(f"the reverse process diverged (NaN or infinite values) with zeta={options.zeta:g}, "
+                             f"steps={options.steps}; try a smaller --zeta, or other weights")
+        return sr, estimated
+
+    def check_options(self, options: SampleOptions, seeds: list[int] = ()) -> None:
+        """Check the sampling options (and seeds) once, before any image: errors name the option."""
+        sampling_chain(self.cfg.diffusion, options.steps)
+        check_options(self.model, scale=self.scale, sampler=options.sampler, eta=options.eta, zeta=options.zeta,
+                      guidance=options.guidance, gradient=options.gradient, x0_norm_weight=options.x0_norm_weight,
+                      downsample=self.cfg.data.downsample, tile=options.tile, tile_overlap=options.tile_overlap)
+        for seed in seeds:
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+                raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**64)")
 
     def upscale(self, image: Any, *, seed: int = 0, kernel: torch.Tensor | np.ndarray | None = None,
                 callback: Callable | None = None, progress: bool = False, **options: Any) -> tuple[Any, Any]:
@@ -257,9 +328,7 @@ class BlindDiff:
         switches to non-blind mode with that kernel. Alpha is upscaled separately (bicubic) and re-attached.
         """
         rgb, alpha, kind = to_tensor(image)
-        given = None if kernel is None else torch.as_tensor(kernel, dtype=torch.float32)
-        if given is not None and given.dim() == 2:
-            given = given[None].expand(rgb.shape[0], -1, -1)
+        given = None if kernel is None else given_kernels(kernel, rgb.shape[0])
         sr, estimated = self.run(rgb, [seed] * rgb.shape[0], SampleOptions(**options), kernel=given,
                                  callback=callback, progress=progress)
         alpha_up = None if alpha is None else self.upscale_alpha(alpha)
@@ -294,8 +363,8 @@ def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
 @dataclass
 class FileJob:
     source: Path
-    target: Path
-    image: Any  # LoadedImage
+    outputs: list[Path]  # the result, <stem>_kernel.npy and <stem>_kernel.png
+    size: tuple[int, int]  # (height, width) from the file header
 
 
 def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options: SampleOptions, *, seed: int = 0,
@@ -304,55 +373,81 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
     """Upscale image files into `out` (module docstring); returns the problems, each naming its input.
 
     Writes `<stem><suffix>.<ext>`, `<stem>_kernel.npy` and `<stem>_kernel.png`. Grey stays grey, alpha is
-    upscaled separately, 16-bit PNG stays 16-bit. Inputs are never overwritten. Images of the same size are
-    processed `batch_size` at a time, each with the same seed (so batching does not change results).
+    upscaled separately, 16-bit PNG stays 16-bit, EXIF orientation is applied and the rest of the metadata
+    kept. Options are checked once, up front; every output is planned before anything is written, and an
+    input whose output would overwrite an input or another input's output is refused. Sizes come from the
+    file headers; images are decoded one batch at a time. Images of the same size are processed
+    `batch_size` at a time, each with the same seed (so batching does not change results).
     """
     from tqdm import tqdm
 
-    from .fileio import ImageError, LoadedImage, expand_inputs, load_image, save_image, write_npy, write_png
+    from . import fileio
 
     if ext not in ("auto", "png", "jpg"):
         raise ValueError(f"--ext {ext!r} is unknown; use png, jpg or auto")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} is invalid; use 1 or more")
+    fileio.check_name_part(suffix, "--suffix")
+    model.check_options(options, [seed])
     out = Path(out)
-    files, problems = expand_inputs(inputs)
-    jobs: list[FileJob] = []
+    fileio.check_output_folder(out)
+    files, problems = fileio.expand_inputs(inputs)
+    planned = {}
     for path in files:
         extension = ext if ext != "auto" else ("jpg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
-        target = out / f"{path.stem}{suffix}.{extension}"
+        planned[path] = [out / f"{path.stem}{suffix}.{extension}", out / f"{path.stem}_kernel.npy",
+                         out / f"{path.stem}_kernel.png"]
+    accepted, collisions = fileio.plan_outputs(planned)
+    problems += collisions
+    jobs: list[FileJob] = []
+    for path, outputs in accepted.items():
         try:
-            if target.resolve() == path.resolve():
-                raise ImageError(f"{path}: the output would overwrite this input; use another --out or a --suffix")
-            image = load_image(path)
-            check_lr_size(*image.size, model.scale, options.tile)
-        except (ImageError, ValueError, FileNotFoundError) as err:
+            size = fileio.image_size(path)
+            check_lr_size(*size, model.scale, options.tile)
+        except (fileio.ImageError, ValueError, FileNotFoundError) as err:
             problems.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
-        jobs.append(FileJob(path, target, image))
+        jobs.append(FileJob(path, outputs, size))
     groups: dict[tuple[int, int], list[FileJob]] = {}
     for job in jobs:
-        groups.setdefault(job.image.size, []).append(job)
+        groups.setdefault(job.size, []).append(job)
     batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not progress or len(jobs) < 2)
     for batch in batches:
-        lr = torch.stack([torch.from_numpy(job.image.rgb).permute(2, 0, 1) for job in batch])
-        callback = trajectory_writer(out, [job.source.stem for job in batch]) if save_trajectory else None
-        try:
-            sr, kernels = model.run(lr, [seed] * len(batch), options, callback=callback, progress=progress)
-        except (ValueError, RuntimeError) as err:
-            problems.extend(f"{job.source}: {err}" for job in batch)
+        loaded: list[tuple[FileJob, fileio.LoadedImage]] = []
+        for job in batch:  # decoded now, not up front: memory holds one batch
+            try:
+                image = fileio.load_image(job.source)
+                if image.size != job.size:
+                    raise fileio.ImageError(f"{job.source}: decodes to {image.size[1]}x{image.size[0]}, not the "
+                                            f"{job.size[1]}x{job.size[0]} of its header; re-save the file")
+            except (fileio.ImageError, FileNotFoundError) as err:
+                problems.append(str(err) if str(job.source) in str(err) else f"{job.source}: {err}")
+                continue
+            loaded.append((job, image))
+        if not loaded:
             continue
-        for job, image, kernel in zip(batch, sr, kernels):
+        lr = torch.stack([torch.from_numpy(image.rgb).permute(2, 0, 1) for _, image in loaded])
+        callback = trajectory_writer(out, [job.source.stem for job, _ in loaded]) if save_trajectory else None
+        try:
+            sr, kernels = model.run(lr, [seed] * len(loaded), options, callback=callback, progress=progress)
+        except (ValueError, RuntimeError) as err:
+            problems.extend(f"{job.source}: {err}" for job, _ in loaded)
+            continue
+        for (job, image), result, kernel in zip(loaded, sr, kernels):
             alpha = None
-            if job.image.alpha is not None:
-                alpha_lr = torch.from_numpy(job.image.alpha)[None, None]
-                alpha = model.upscale_alpha(alpha_lr)[0, 0].numpy()
-            save_image(job.target, LoadedImage(image.permute(1, 2, 0).numpy(), alpha, job.image.grey,
-                                               job.image.bit_depth))
-            write_npy(out / f"{job.source.stem}_kernel.npy", kernel.numpy())
-            write_png(out / f"{job.source.stem}_kernel.png", kernel_picture(kernel.numpy()))
-            log(f"{job.source} → {job.target}")
+            if image.alpha is not None:
+                alpha = model.upscale_alpha(torch.from_numpy(image.alpha)[None, None])[0, 0].numpy()
+            target, kernel_npy, kernel_png = job.outputs
+            try:
+                fileio.save_image(target, fileio.LoadedImage(result.permute(1, 2, 0).numpy(), alpha, image.grey,
+                                                             image.bit_depth, image.exif, image.icc_profile))
+                fileio.write_npy(kernel_npy, kernel.numpy())
+                fileio.write_png(kernel_png, kernel_picture(kernel.numpy()))
+            except OSError as err:  # disk full, a folder in the way, no permission: this input fails, not the run
+                problems.append(f"{job.source}: could not write {err.filename or target}: {err.strerror or err}")
+                continue
+            log(f"{job.source} → {target}")
             bar.update(1)
     bar.close()
     return problems

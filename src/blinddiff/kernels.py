@@ -509,23 +509,30 @@ def motion_blur(
 # --------------------------------------------------------------------------------------------------
 
 
-def _validate_kernel(array: np.ndarray, name: str) -> Tensor:
-    """Check one kernel read from ``name`` and return it as float32 normalised to sum 1."""
+def validate_kernel(array: np.ndarray, what: str = "kernel", *, square: bool = False) -> Tensor:
+    """Check one blur kernel (``what`` names it in errors, e.g. "kernel file k.npy") → float32 summing to 1.
+
+    A kernel is a 2-D array of finite, non-negative taps with a positive sum (an un-normalised one is
+    normalised); ``square`` also asks for k×k, as applying a kernel to an image does.
+    """
     if array.ndim != 2:
-        raise ValueError(f"kernel file {name} holds an array of shape {array.shape}; a kernel must be 2-D [k, k]")
+        raise ValueError(f"{what} holds an array of shape {array.shape}; a kernel must be 2-D [k, k]")
     if array.size == 0:
-        raise ValueError(f"kernel file {name} holds an empty array")
+        raise ValueError(f"{what} holds an empty array")
+    if square and array.shape[0] != array.shape[1]:
+        raise ValueError(f"{what} is {array.shape[0]}×{array.shape[1]}; a kernel must be square [k, k] "
+                         "(pad it with zeros, keeping its centre)")
     a = np.asarray(array, dtype=np.float64)
     if not np.isfinite(a).all():
-        raise ValueError(f"kernel file {name} has non-finite values (NaN or inf)")
+        raise ValueError(f"{what} has non-finite values (NaN or inf); a kernel must have finite taps")
     total = a.sum()
     if total <= 0:
         raise ValueError(
-            f"kernel file {name} sums to {total:.3g}; a blur kernel must be non-negative with a positive sum"
+            f"{what} sums to {total:.3g}; a blur kernel must be non-negative with a positive sum"
         )
     if a.min() < -1e-6:
         raise ValueError(
-            f"kernel file {name} has negative taps (min {a.min():.3g}); a blur kernel must be non-negative"
+            f"{what} has negative taps (min {a.min():.3g}); a blur kernel must be non-negative"
         )
     a = np.clip(a, 0, None)
     return torch.from_numpy(a / a.sum()).float()
@@ -617,18 +624,22 @@ def load_kernels(path: str | os.PathLike) -> list[Tensor]:
     if suffix in (".npy", ".png"):
         try:
             arrays = [np.load(path, allow_pickle=False) if suffix == ".npy" else _png_kernel(path)]
-        except (OSError, ValueError) as error:
-            raise ValueError(f"kernel file {path} could not be read: {error}") from error
+        except Exception as error:  # numpy and Pillow raise many kinds of errors for damaged files
+            raise ValueError(f"kernel file {path} could not be read ({type(error).__name__}: {error}); "
+                             "replace it with a valid kernel file") from None
     elif suffix == ".mat":
         import scipy.io
 
-        if _is_hdf5(path):  # MATLAB v7.3
-            variables = _mat73_variables(path)
-        else:
-            try:
+        try:
+            if _is_hdf5(path):  # MATLAB v7.3
+                variables = _mat73_variables(path)
+            else:
                 variables = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
-            except (ValueError, TypeError, NotImplementedError) as error:
-                raise ValueError(f"kernel file {path} is not a readable MATLAB file: {error}") from error
+        except ImportError:
+            raise
+        except Exception as error:  # scipy and h5py raise many kinds of errors for damaged files
+            raise ValueError(f"kernel file {path} is not a readable MATLAB file ({type(error).__name__}: "
+                             f"{error}); replace it with a valid .mat, .npy or .png kernel") from None
         arrays = _mat_candidates(variables)
         if not arrays:
             raise ValueError(
@@ -642,7 +653,7 @@ def load_kernels(path: str | os.PathLike) -> list[Tensor]:
         name = str(path) if len(arrays) == 1 else f"{path} (kernel {i})"
         if not _is_numeric(np.asarray(a)):
             raise ValueError(f"kernel file {name} holds non-numeric data of type {np.asarray(a).dtype}")
-        kernels.append(_validate_kernel(np.asarray(a), name))
+        kernels.append(validate_kernel(np.asarray(a), f"kernel file {name}"))
     return kernels
 
 
@@ -816,6 +827,6 @@ def parse_kernel_spec(
     if text.startswith("random-") and text[len("random-") :] in TRAINING_SETTINGS:
         return sample_training_kernels(text[len("random-") :], 1, size, generator=generator, device=device)
     if Path(text).suffix.lower() in KERNEL_FILE_SUFFIXES:
-        kernel = load_kernel(text)[None]
+        kernel = validate_kernel(load_kernel(text).numpy(), f"kernel file {text}", square=True)[None]
         return kernel.to(device) if device is not None else kernel
     raise ValueError(f"unknown kernel spec {spec!r}; accepted forms: {_SPEC_FORMS}")

@@ -339,16 +339,9 @@ def sample(
     The callback gets a `StepInfo` after every step. Returns the final kernel: k̂ of the last step
     (blind) or the given kernel.
     """
-    _check_choice("sampler", sampler, SAMPLERS)
-    _check_choice("guidance", guidance, GUIDANCE)
-    _check_choice("gradient", gradient, GRADIENTS)
-    _check_choice("downsample", downsample, DOWNSAMPLE_MODES)
-    scale = _check_scale(scale)
-    zeta = _check_nonnegative("zeta", zeta)
-    x0_norm_weight = _check_nonnegative("x0_norm_weight", x0_norm_weight)
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta={eta!r}: must be a number in [0, 1] (0 = deterministic DDIM, 1 ≈ DDPM)")
-    eta = float(eta)
+    check_options(model, scale=scale, sampler=sampler, eta=eta, zeta=zeta, guidance=guidance, gradient=gradient,
+                  x0_norm_weight=x0_norm_weight, downsample=downsample, tile=tile, tile_overlap=tile_overlap)
+    scale, zeta, x0_norm_weight, eta = int(scale), float(zeta), float(x0_norm_weight), float(eta)
     if not isinstance(chain, GaussianDiffusion):
         raise ValueError(f"chain is a {type(chain).__name__}: build it with sampling_chain(cfg.diffusion, steps)")
     if not callable(model):
@@ -482,6 +475,33 @@ def _check_generators(generators: Sequence[torch.Generator] | None, batch: int) 
             "(e.g. [torch.Generator().manual_seed(s) for s in seeds]) or None"
         )
     return gens
+
+
+def check_options(
+    model: object,
+    *,
+    scale: int,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    zeta: float = 1.0,
+    guidance: str = "kernel-aware",
+    gradient: str = "xt",
+    x0_norm_weight: float = 0.0,
+    downsample: str = "bicubic",
+    tile: int | None = None,
+    tile_overlap: int = 32,
+) -> None:
+    """The checks of `sample` that do not depend on the images, so a caller can make them once, up front."""
+    _check_choice("sampler", sampler, SAMPLERS)
+    _check_choice("guidance", guidance, GUIDANCE)
+    _check_choice("gradient", gradient, GRADIENTS)
+    _check_choice("downsample", downsample, DOWNSAMPLE_MODES)
+    scale = _check_scale(scale)
+    _check_nonnegative("zeta", zeta)
+    _check_nonnegative("x0_norm_weight", x0_norm_weight)
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta={eta!r}: must be a number in [0, 1] (0 = deterministic DDIM, 1 ≈ DDPM)")
+    _check_tiles(model, tile, tile_overlap, scale, 0, 0)
 
 
 def _check_kernel(

@@ -8,6 +8,7 @@ record per case. Everything is a pure function of the arguments: same arguments,
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from pathlib import Path
@@ -19,12 +20,13 @@ import torch
 from . import __version__
 from .data import derive_seed
 from .degradation import degrade
-from .fileio import ImageError, expand_inputs, find_images, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json, \
-    write_npy, write_png
+from .fileio import ImageError, check_output_folder, expand_inputs, find_images, plan_outputs, read_rgb, \
+    rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
 from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, motion_blur, parse_kernel_spec, sample_anisotropic
 
 DOWNSAMPLE_MODES = ("bicubic", "direct")
 MOTION_KERNEL_SIZE = 64  # BlindDPS's motion kernels
+MAX_KERNEL_SIZE = 256  # far beyond any blur in the paper; bounds the memory a typo can ask for
 # One case of a protocol: (tag, parameters for the manifest, kernel [k, k]).
 Case = tuple[str, dict, torch.Tensor]
 
@@ -35,8 +37,13 @@ def stem_seed(seed: int, name: str) -> int:
 
 
 def default_kernel_size(kind: str, kernel_size: int | None) -> int:
-    """The kernel size asked for, else 64 for motion blur (BlindDPS) and 21 for Gaussians (SPEC §2)."""
-    return kernel_size or (MOTION_KERNEL_SIZE if kind.startswith(("motion", "random-motion")) else 21)
+    """The kernel size asked for (checked), else 64 for motion blur (BlindDPS) and 21 for Gaussians (SPEC §2)."""
+    if kernel_size is None:
+        return MOTION_KERNEL_SIZE if kind.startswith(("motion", "random-motion")) else 21
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or not 3 <= kernel_size <= MAX_KERNEL_SIZE:
+        raise ValueError(f"--kernel-size {kernel_size} is invalid; use 3 to {MAX_KERNEL_SIZE} (odd for Gaussians), "
+                         f"e.g. 21, or leave it out for the default")
+    return kernel_size
 
 
 def protocol_cases(protocol: str, size: int) -> Callable[[str, int], list[Case]]:
@@ -105,30 +112,76 @@ def ensure_empty(out: Path, force: bool) -> None:
         raise FileExistsError(f"output folder {out} is not empty; choose another --out or pass --force to overwrite")
 
 
+def check_outside_sources(hr_dir: Path, out: Path) -> None:
+    """What make-benchmark writes (HR/, LR/, kernels/, manifest.json) must not touch the --hr folder."""
+    source = hr_dir.resolve()
+    for written in (out / "HR", out / "LR", out / "kernels", out / "manifest.json"):
+        place = written.resolve()
+        if place == source or source in place.parents or place in source.parents:
+            raise ValueError(f"--out {out} would write {written}, which overlaps --hr {hr_dir}; the source images "
+                             f"are never written: choose an --out outside {hr_dir}")
+
+
+def previous_testset_files(out: Path) -> set[Path]:
+    """The files a previous make-benchmark listed in `out/manifest.json` (and the manifest); empty if none."""
+    path = out / "manifest.json"
+    try:
+        cases = json.loads(path.read_text())["cases"]
+        listed = {out / case[key] for case in cases for key in ("hr", "lr", "kernel")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {p.resolve() for p in listed | {path}}
+
+
+def check_force_targets(out: Path, targets: list[Path]) -> None:
+    """--force replaces only the files of a previous test set: any other file in the way is refused."""
+    ours = previous_testset_files(out)
+    foreign = [t for t in targets if (t.exists() or t.is_symlink()) and t.resolve() not in ours]
+    if foreign:
+        shown = ", ".join(str(t) for t in foreign[:4]) + (" …" if len(foreign) > 4 else "")
+        raise FileExistsError(f"--force replaces only files of a previous test set, but {shown} "
+                              f"{'is' if len(foreign) == 1 else 'are'} not listed in {out / 'manifest.json'}; "
+                              f"move {'it' if len(foreign) == 1 else 'them'} away or choose another --out")
+
+
 def build_testset(hr_dir: str | Path, out: str | Path, protocol: str = "gaussian8", scale: int = 4, *,
                   downsample: str = "bicubic", noise: float = 0.0, seed: int = 0, kernel_size: int | None = None,
                   force: bool = False, log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
-    """Write a synthetic test set (module docstring); returns (manifest records, problems with named inputs)."""
+    """Write a synthetic test set (module docstring); returns (manifest records, problems with named inputs).
+
+    Nothing is written inside `hr_dir`, and with `force` only files of a previous test set are replaced.
+    """
     check_degradation_args(scale, downsample, noise)
     kernel_size = default_kernel_size(protocol, kernel_size)
     cases_for = protocol_cases(protocol, kernel_size)
     files = find_images(hr_dir)
     out = Path(out)
     ensure_empty(out, force)
+    check_outside_sources(Path(hr_dir), out)
     records: list[dict] = []
     problems: list[str] = []
     seen: dict[str, Path] = {}
+    plan: list[tuple[Path, list[Case]]] = []
     for path in files:
         stem = path.stem
         if stem in seen:
             problems.append(f"{path}: same name as {seen[stem]}; rename one of them")
             continue
         seen[stem] = path
+        plan.append((path, cases_for(stem, seed)))
+    targets = [out / "manifest.json"]
+    for path, cases in plan:
+        targets += [out / "HR" / f"{path.stem}.png"]
+        targets += [out / folder / f"{path.stem}_{tag}.{ext}" for tag, _, _ in cases
+                    for folder, ext in (("LR", "png"), ("kernels", "npy"))]
+    check_force_targets(out, targets)
+    for path, planned in plan:
+        stem = path.stem
         try:
             hr = mod_crop(read_rgb(path), scale)
             cases = [(tag, params, kernel, degrade_image(hr, kernel, scale, downsample, noise,
                                                          stem_seed(seed, f"{stem}_{tag}")))
-                     for tag, params, kernel in cases_for(stem, seed)]
+                     for tag, params, kernel in planned]
         except (ImageError, ValueError) as err:
             problems.append(f"{path}: {err}" if str(path) not in str(err) else str(err))
             continue
@@ -155,20 +208,24 @@ def degrade_files(inputs: list[str], out: str | Path, scale: int, kernel_spec: s
     size = default_kernel_size(kernel_spec, kernel_size)
     parse_kernel_spec(kernel_spec, size, generator=torch.Generator().manual_seed(seed))  # fail early on a bad spec
     out = Path(out)
+    check_output_folder(out)
     files, problems = expand_inputs(inputs)
-    for index, path in enumerate(files):
-        target = out / f"{path.stem}.png"
+    accepted, collisions = plan_outputs({path: [out / f"{path.stem}.png", out / f"{path.stem}_kernel.npy"]
+                                         for path in files})
+    problems += collisions
+    for path, (target, kernel_file) in accepted.items():
         try:
-            if target.exists() and target.resolve() == path.resolve():
-                raise ImageError(f"{path}: the output would overwrite this input; choose another --out")
             generator = torch.Generator().manual_seed(stem_seed(seed, path.stem))
             kernel = parse_kernel_spec(kernel_spec, size, generator=generator)[0]
             lr = degrade_image(mod_crop(read_rgb(path), scale), kernel, scale, downsample, noise,
                                stem_seed(seed + 1, path.stem))
+            write_png(target, lr)
+            write_npy(kernel_file, kernel.float().numpy())
         except (ImageError, FileNotFoundError) as err:
             problems.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
-        write_png(target, lr)
-        write_npy(out / f"{path.stem}_kernel.npy", kernel.float().numpy())
+        except OSError as err:  # disk full, no permission: this input fails, not the run
+            problems.append(f"{path}: could not write {err.filename or target}: {err.strerror or err}")
+            continue
         log(f"{path} → {target} ({lr.shape[1]}x{lr.shape[0]})")
     return problems
