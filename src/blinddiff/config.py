@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,10 +53,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision {self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
-        if self.batch_size < 1 or self.steps < 1:
-            raise ValueError("train.batch_size and train.steps must be ≥ 1")
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("train.checkpoint_every and train.keep_checkpoints must be ≥ 1")
+        for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            _check_range(f"train.{name}", getattr(self, name), low=1)
+        for name in ("warmup_steps", "grad_clip", "spike_factor", "seed"):
+            _check_range(f"train.{name}", getattr(self, name), low=0)
+        _check_range("train.lr", self.lr, low=0, open_low=True)
+        _check_range("train.lr_gamma", self.lr_gamma, low=0, high=1, open_low=True)
+        _check_range("train.ema_decay", self.ema_decay, low=0, high=1)
+        for beta in self.adam_betas:
+            _check_range("train.adam_betas", beta, low=0, high=1, open_high=True)
+        for milestone in self.lr_milestones:
+            _check_range("train.lr_milestones", milestone, low=1)
+
+
+def _check_range(key: str, value: float, *, low: float, high: float = math.inf, open_low: bool = False,
+                 open_high: bool = False) -> None:
+    """Raise naming `key` unless low ≤ value ≤ high (< where open); NaN never passes."""
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+        raise ValueError(f"{key} {value!r} is out of range; use a value in {bounds}")
 
 
 @dataclass
@@ -126,9 +144,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if kind is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{key}: expected a string, got {value!r}")
@@ -165,20 +186,27 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(source: str) -> dict:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist; give a YAML file or a preset "
-                                    f"({', '.join(preset_names())})")
-        text = path.read_text()
+    """A preset name (which wins over a file of the same name: a local file needs a path like ./tiny) or a
+    YAML file → its mapping; errors name the file."""
+    bare = "/" not in source and "\\" not in source and not source.endswith((".yaml", ".yml"))
+    preset = resources.files("blinddiff").joinpath("configs", f"{source}.yaml")
+    if bare and preset.is_file():
+        text, where = preset.read_text(), f"preset {source}"
     else:
-        preset = resources.files("blinddiff").joinpath("configs", f"{source}.yaml")
-        if not preset.is_file():
+        path = Path(source)
+        if bare and not path.exists():
             raise ValueError(f"config {source!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
-        text = preset.read_text()
-    data = yaml.safe_load(text) or {}
+        if not path.is_file():
+            kind = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"config {source} {kind}; give a YAML file or a preset "
+                                    f"({', '.join(preset_names())})")
+        text, where = path.read_text(), str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {where} is not valid YAML ({str(err).splitlines()[0]}…); fix the file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config {source}: the top level must be a mapping of settings")
+        raise ValueError(f"config {where}: the top level must be a mapping of settings")
     return data
 
 
@@ -196,16 +224,20 @@ def apply_override(data: dict, assignment: str) -> None:
     node[leaf] = yaml.safe_load(text) if text.strip() else ""
 
 
-def load_config(source: str, overrides: Sequence[str] = ()) -> Config:
+def load_config(source: str, overrides: Sequence[str] = (), _chain: tuple[str, ...] = ()) -> Config:
     """A preset name or YAML path, plus `a.b=c` overrides → a checked Config.
 
-    A YAML file may say `base: <preset or file>` to start from another config.
+    A YAML file may say `base: <preset or file>` to start from another config (a loop is an error).
     """
+    source = str(source)
+    if source in _chain:
+        raise ValueError(f"config {source}: its `base:` chain loops ({' → '.join(_chain + (source,))}); "
+                         f"remove one of the base entries")
     data = _read_yaml(source)
     base = data.pop("base", None)
     name = data.pop("name", None) or (Path(source).stem if Path(source).suffix else source)
     if base is not None:
-        merged = config_to_dict(load_config(base))
+        merged = config_to_dict(load_config(str(base), (), _chain + (source,)))
         _merge(merged, data)
         data = merged
     data["name"] = name

@@ -46,6 +46,10 @@ class DataConfig:
             raise ValueError(f"data.crop {self.crop} must be ≥ 8 and a multiple of data.scale {self.scale}")
         if self.scale < 1:
             raise ValueError(f"data.scale {self.scale} is invalid; use an integer ≥ 1 (1 = deblurring)")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"data.noise {self.noise} is invalid; use a standard deviation in [0, 1), e.g. 0.02")
+        if self.workers < 0:
+            raise ValueError(f"data.workers {self.workers} is invalid; use 0 (load in the main process) or more")
 
 
 def derive_seed(*parts: int) -> int:

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, read_rgb, tensor_to_rgb, write_json, \
-    write_npy, write_png
+from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, check_name_part, image_size, inside, read_rgb, \
+    tensor_to_rgb, write_json, write_npy, write_png
 from .metrics import LPIPS, METRIC_NAMES, evaluate_pair, fid_from_images, kernel_l1, load_niqe_params, psnr
 from .train import Runtime, setup_runtime
 
@@ -125,6 +125,18 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkSet:
                          f"{', '.join(needed)}); rebuild it with blinddiff make-benchmark")
     if not cases:
         raise ValueError(f"{path} lists no cases; rebuild the test set from a folder of HR images")
+    scale = manifest["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"{path}: scale {scale!r} is not a positive integer; rebuild it with blinddiff make-benchmark")
+    for index, case in enumerate(cases):  # every path stays inside the test set, every name is a file name
+        try:
+            if not isinstance(case["name"], str) or not case["name"]:
+                raise ValueError(f"name {case['name']!r} is not a file name")
+            check_name_part(case["name"], "name")
+            for key in ("hr", "lr", "kernel"):
+                inside(root, case[key], key)
+        except ValueError as err:
+            raise ValueError(f"{path}: case {index + 1}: {err}; fix or rebuild the manifest") from None
     return BenchmarkSet(root, manifest)
 
 
@@ -211,7 +223,13 @@ def build_metric_suite(metrics: str | Sequence[str] | None = None, *, lpips_back
     if "niqe" in names:
         if not niqe_params:
             raise ValueError("metric niqe needs --niqe-params PATH (e.g. ../shared/weights/niqe/niqe_pris_params.npz)")
-        load_niqe_params(niqe_params)  # raises FileNotFoundError naming the file
+        try:
+            load_niqe_params(niqe_params)  # raises FileNotFoundError naming the file
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as err:  # not an .npz at all (a .npy, text, a damaged archive)
+            raise ValueError(f"--niqe-params {niqe_params} is not a NIQE parameter .npz ({type(err).__name__}: "
+                             f"{err}); pass BasicSR's niqe_pris_params.npz") from None
         suite.niqe_params = Path(niqe_params)
     if "fid" in names:
         if not fid_weights:
@@ -684,8 +702,24 @@ def _fingerprint(weights: Path, bench: BenchmarkSet, options: SampleOptions, set
     from .inference import sha256_of
 
     manifest = {k: v for k, v in bench.manifest.items() if k != "cases"}
-    return {"weights_sha256": sha256_of(weights), "benchmark": manifest, "sampling": asdict(options),
-            "seed": settings.seed, "precision": precision}
+    return {"weights_sha256": sha256_of(weights), "benchmark": manifest, "cases_sha256": _cases_digest(bench),
+            "sampling": asdict(options), "seed": settings.seed, "precision": precision}
+
+
+def _cases_digest(bench: BenchmarkSet) -> str:
+    """sha256 over the case records and the bytes of every file they name: a test set rebuilt in place
+    with other content is another test set."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(bench.cases, sort_keys=True).encode())
+    for relative in dict.fromkeys(case[key] for case in bench.cases for key in ("hr", "lr", "kernel")):
+        path = bench.root / relative
+        digest.update(relative.encode() + b"\0")
+        if path.is_file():  # a missing file is reported when its case runs
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_run_folder(out: Path, fingerprint: dict, runtime: Runtime) -> None:
@@ -1193,6 +1227,7 @@ def _suite_from(args: argparse.Namespace, device: torch.device) -> MetricSuite:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .cli import report
 
+    check_name_part(args.suffix, "--suffix")
     bench = load_benchmark(args.benchmark)
     sr_dir = Path(args.sr)
     with _Distributed(args.device) as runtime:
