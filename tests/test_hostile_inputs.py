@@ -457,8 +457,8 @@ def test_training_images_are_decoded_up_front(tmp_path: Path) -> None:
 
     folder = tmp_path / "data"
     save(folder / "good.png", 40, 40)
-    raw = b"".join(b"\x00" + bytes(40 * 3) for _ in range(40))
-    (folder / "corrupt.png").write_bytes(crafted_png(40, 40, zlib.compress(raw)[:20] + b"\xff" * 40))
+    rows = b"".join(b"\x09" + bytes(40 * 3) for _ in range(40))  # filter type 9 does not exist
+    (folder / "corrupt.png").write_bytes(crafted_png(40, 40, zlib.compress(rows)))
     (folder / "bomb.png").write_bytes(crafted_png(30000, 30000, zlib.compress(b"\x00" * 1000)))
     with pytest.raises(ImageError) as error:
         HRPatches(folder, 32)

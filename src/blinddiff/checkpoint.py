@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,25 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_latest_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(step, tensors, training state) of the newest checkpoint that reads back whole, or None.
+
+    A damaged newest checkpoint (a truncated file, a bad disk) is skipped with a warning in favour of
+    the one before it, so `--resume` loses the steps since then, not the run.
+    """
+    for step in reversed(complete_checkpoints(folder)):
+        weights, state_path = checkpoint_paths(folder, step)
+        try:
+            tensors, _, _ = load_weights(weights)
+            state = load_state(state_path)
+        except Exception as err:  # torch and safetensors raise many kinds of errors for damaged files
+            warnings.warn(f"checkpoint {state_path} is damaged ({type(err).__name__}); resuming from an earlier one",
+                          stacklevel=2)
+            continue
+        return step, tensors, state
+    return None
 
 
 def complete_checkpoints(folder: Path) -> list[int]:

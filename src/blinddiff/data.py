@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .degradation import degrade
-from .fileio import ImageError, find_images, image_size, read_rgb
+from .fileio import ImageError, check_decodes, find_images, image_size, read_rgb
 from .kernels import sample_training_kernels
 
 SETTINGS = ("iso", "aniso", "motion")
@@ -83,6 +83,7 @@ class HRPatches(Dataset):
         for path in find_images(root):
             try:
                 height, width = image_size(path)
+                check_decodes(path)  # a damaged pixel stream passes the header check; find it now, not mid-run
             except ImageError as err:
                 problems.append(str(err))
                 continue

@@ -51,6 +51,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files `atomic_write` leaves behind when a process is killed mid-write."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write `data` as indented, key-sorted JSON (byte-stable for equal data), atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"

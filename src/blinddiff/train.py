@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import checkpoint_paths, complete_checkpoints, load_state, load_weights, prefixed, \
+from .checkpoint import checkpoint_paths, complete_checkpoints, load_latest_checkpoint, load_weights, prefixed, \
     prune_checkpoints, save_state, save_weights
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
-from .fileio import expand_path
+from .fileio import expand_path, remove_temporaries
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import fit_kernel_pca
 from .model import MCFormer
@@ -187,6 +187,8 @@ class Logger:
 def prepare_run(run: Path, config: str | None, overrides: list[str], resume: bool) -> Config:
     """Resolve the config of a run folder: a new run writes it, a resumed run reads it back (plus overrides)."""
     saved = run / "config.yaml"
+    if run.exists() and not run.is_dir():
+        raise FileExistsError(f"--out {run} is a file, not a run folder; choose another --out")
     if resume and saved.is_file():
         return load_config(str(saved), overrides)
     if config is None:
@@ -194,7 +196,25 @@ def prepare_run(run: Path, config: str | None, overrides: list[str], resume: boo
     if complete_checkpoints(run / "checkpoints") and not resume:
         raise FileExistsError(f"run folder {run} already has checkpoints; pass --resume to continue it "
                               f"or choose another --out")
+    earlier = [name for name in ("config.yaml", "log.jsonl") if (run / name).exists()]
+    if earlier and not resume:  # another run's files: never overwritten or appended to
+        raise FileExistsError(f"run folder {run} already holds {' and '.join(earlier)} of another run; pass --resume "
+                              f"to continue it or choose another --out")
     return load_config(config, overrides)
+
+
+NONFINITE_LIMIT = 5  # losses in a row that are NaN/inf before a run counts as diverged
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict, with one line naming the source instead of a page of size mismatches."""
+    expected = model.state_dict()
+    wrong = sorted(set(expected) ^ set(state)) + sorted(k for k in expected if k in state
+                                                          and state[k].shape != expected[k].shape)
+    if wrong:
+        raise ValueError(f"{where} does not fit this network ({len(wrong)} tensors differ, e.g. {wrong[0]}); "
+                         f"the model settings must match the ones it was trained with")
+    model.load_state_dict(state)
 
 
 @dataclass
@@ -209,9 +229,6 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     runtime = setup_runtime(cfg.train.device)
     run = Path(run)
     ckpt_dir = run / "checkpoints"
-    if runtime.main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(run / "config.yaml", cfg)
     device, tc = runtime.device, cfg.train
     precision = resolve_precision(tc.precision, device)
     if precision == "fp16":
@@ -221,24 +238,30 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     model = build_model(cfg).to(device)
     if tc.init_from:
         tensors, _, _ = load_weights(expand_path(tc.init_from))
-        model.load_state_dict(prefixed(tensors, "ema.") or tensors)
+        load_matching(model, prefixed(tensors, "ema.") or tensors, f"train.init_from {tc.init_from}")
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     start, loss_avg, skipped = 0, math.nan, 0
-    if resume and complete_checkpoints(ckpt_dir):
-        start = complete_checkpoints(ckpt_dir)[-1]
-        weights, state_path = checkpoint_paths(ckpt_dir, start)
-        tensors, _, _ = load_weights(weights)
-        model.load_state_dict(prefixed(tensors, "model."))
-        ema.model.load_state_dict(prefixed(tensors, "ema."))
-        state = load_state(state_path)
+    if resume and runtime.main:
+        remove_temporaries(run)  # left by a kill -9 during a write
+        remove_temporaries(ckpt_dir)
+    runtime.barrier()
+    latest = load_latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        start, tensors, state = latest
+        where = f"checkpoint {checkpoint_paths(ckpt_dir, start)[0]} (the run's config plus --set)"
+        load_matching(model, prefixed(tensors, "model."), where)
+        load_matching(ema.model, prefixed(tensors, "ema."), where)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         loss_avg, skipped = state["loss_avg"], state["skipped"]
     elif resume and runtime.main:
         print(f"no checkpoint in {ckpt_dir}: starting from step 0", flush=True)
+    if runtime.main:  # only now that the config has built the network and read the checkpoint
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(run / "config.yaml", cfg)
 
     wrapped: nn.Module = model
     if runtime.world > 1:
@@ -259,6 +282,10 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def save(step: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # same on every rank
+            raise FloatingPointError(f"training stopped at step {step}: the weights are no longer finite "
+                                     f"(train.lr={tc.lr:g} is probably too high); nothing was saved, the "
+                                     f"checkpoints in {ckpt_dir} are intact")
         runtime.barrier()
         if runtime.main:
             weights, state_path = checkpoint_paths(ckpt_dir, step)
@@ -272,6 +299,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         runtime.barrier()
 
     metrics: dict = {}
+    bad_in_a_row = 0
     window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "kernel": 0.0, "n": 0}
     tic = time.perf_counter()
     model.train()
@@ -293,6 +321,11 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         value = float(summary[0])
         spike = not math.isfinite(value) or (tc.spike_factor > 0 and step - start >= 20 and math.isfinite(loss_avg)
                                              and value > tc.spike_factor * loss_avg)
+        bad_in_a_row = bad_in_a_row + 1 if not math.isfinite(value) else 0
+        if bad_in_a_row >= NONFINITE_LIMIT:  # a diverged run does not recover: stop before exporting garbage
+            raise FloatingPointError(f"training stopped at step {step + 1}: the loss was not finite for "
+                                     f"{NONFINITE_LIMIT} steps in a row (train.lr={tc.lr:g}); lower train.lr or "
+                                     f"check the data; the checkpoints in {ckpt_dir} are intact")
         if spike:  # all ranks see the same reduced loss, so they skip together
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
@@ -327,6 +360,9 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     if bar is not None:
         bar.close()
     if runtime.main and start < tc.steps:
+        if not all(bool(torch.isfinite(p).all()) for p in ema.model.parameters()):
+            raise FloatingPointError(f"training ended with non-finite EMA weights; {run / 'weights.safetensors'} "
+                                     f"was not written; lower train.lr")
         save_weights(run / "weights.safetensors", ema.model.state_dict(), cfg, step=tc.steps, kind="ema")
     logger.close()
     runtime.barrier()
