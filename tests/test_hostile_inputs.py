@@ -555,3 +555,24 @@ def test_sizes_come_from_headers_and_images_are_decoded_per_batch(weights: Path,
                  *FAST]) == 1
     assert "--tile" in capsys.readouterr().err
     assert events == ["load a", "run", "load b", "run", "load c", "run"]
+
+
+@pytest.mark.parametrize("content", [b"", pickle.dumps(Boom())])
+def test_evaluate_with_bad_lpips_weights_is_one_line(tmp_path: Path, content: bytes, capsys) -> None:
+    (tmp_path / "vgg.pth").write_bytes(content)
+    (tmp_path / "lin.pth").write_bytes(content)
+    write_manifest(tmp_path / "set", [{"name": "a", "hr": "HR/a.png", "lr": "LR/a.png", "kernel": "a.npy"}])
+    (tmp_path / "sr").mkdir()
+    assert main(["evaluate", "--benchmark", str(tmp_path / "set"), "--sr", str(tmp_path / "sr"), "--metrics", "lpips",
+                 "--lpips-backbone", str(tmp_path / "vgg.pth"), "--lpips-linear", str(tmp_path / "lin.pth")]) == 2
+    captured = capsys.readouterr()
+    assert "vgg.pth" in captured.err and "weights_only=False" not in captured.err and "pwned" not in captured.out
+
+
+def test_benchmark_checks_sampling_options_up_front(hr_folder: Path, tmp_path: Path, weights: Path, capsys) -> None:
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(tmp_path / "set"), "--protocol", "iso:1",
+                 "--kernel-size", "11"]) == 0
+    capsys.readouterr()
+    assert main(["benchmark", "--benchmark", str(tmp_path / "set"), "--out", str(tmp_path / "run"), "--weights",
+                 str(weights), "--steps", "0", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("steps") == 1

@@ -77,8 +77,24 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, handle)
 
 
+def unreadable_torch_file(what: str | Path, err: BaseException) -> ValueError:
+    """The error for a torch file that `weights_only=True` refuses; torch's own message would suggest
+    `weights_only=False`, which runs arbitrary code from the file: never that."""
+    return ValueError(f"{what} cannot be read as plain tensors ({type(err).__name__}): the file is damaged, not a "
+                      f"torch file, or holds Python objects, which are never loaded; use the original weights file "
+                      f"(or .safetensors)")
+
+
+def load_torch(path: Path) -> Any:
+    """torch.load with `weights_only=True` on CPU; errors name the file and never suggest unpickling."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), …
+        raise unreadable_torch_file(path, err) from None
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch(path)
 
 
 def load_latest_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:

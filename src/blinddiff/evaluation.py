@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, check_name_part, image_size, inside, read_rgb, \
     tensor_to_rgb, write_json, write_npy, write_png
+from .checkpoint import unreadable_torch_file
 from .metrics import LPIPS, METRIC_NAMES, evaluate_pair, fid_from_images, kernel_l1, load_niqe_params, psnr
 from .train import Runtime, setup_runtime
 
@@ -219,7 +220,13 @@ def build_metric_suite(metrics: str | Sequence[str] | None = None, *, lpips_back
             raise ValueError("metric lpips needs local weight files: --lpips-backbone (torchvision "
                              f"{'vgg16-397923af.pth' if lpips_net == 'vgg' else 'alexnet-owt-7be5be79.pth'}) and "
                              f"--lpips-linear (LPIPS v0.1 {lpips_net}.pth); or leave lpips out of --metrics")
-        suite.lpips_model = LPIPS.from_weights(lpips_backbone, lpips_linear, net=lpips_net).to(device)
+        try:
+            suite.lpips_model = LPIPS.from_weights(lpips_backbone, lpips_linear, net=lpips_net).to(device)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as err:  # a damaged or malicious file: name both, never suggest unpickling
+            raise unreadable_torch_file(f"--lpips-backbone {lpips_backbone} or --lpips-linear {lpips_linear}",
+                                        err) from None
     if "niqe" in names:
         if not niqe_params:
             raise ValueError("metric niqe needs --niqe-params PATH (e.g. ../shared/weights/niqe/niqe_pris_params.npz)")
@@ -852,6 +859,7 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
         progress = progress and runtime.main
         model = BlindDiff.from_pretrained(weights, device=str(runtime.device), precision=precision, config=config,
                                           allow_pickle=allow_pickle)
+        model.check_options(options, [settings.seed])  # once, up front: not once per case
         if model.scale != bench.scale:
             raise ValueError(f"weights {weights} upscale ×{model.scale} but the test set {bench.root} is "
                              f"×{bench.scale}; use matching weights or rebuild the test set with "

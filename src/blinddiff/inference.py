@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import load_weights, prefixed
+from .checkpoint import load_torch, load_weights, prefixed
 from .config import Config, config_from_dict, load_config
 from .degradation import matlab_bicubic_resize
 from .fileio import FLOAT_TOLERANCE
@@ -106,12 +106,7 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
         if not allow_pickle:
             raise ValueError(f"{path} is a pickle-based torch file; pass --allow-pt to read it (weights_only=True), "
                              f"or convert it to .safetensors")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch's own message would suggest weights_only=False: never do that here
-            raise ValueError(f"{path} cannot be read as plain tensors ({type(err).__name__}): it is damaged, not a "
-                             f"torch file, or holds Python objects other than tensors; use .safetensors weights") \
-                from None
+        data = load_torch(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a state dict")
         state = data.get("ema") or data.get("state_dict") or data
