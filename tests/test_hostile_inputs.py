@@ -576,3 +576,4 @@ def test_benchmark_checks_sampling_options_up_front(hr_folder: Path, tmp_path: P
     assert main(["benchmark", "--benchmark", str(tmp_path / "set"), "--out", str(tmp_path / "run"), "--weights",
                  str(weights), "--steps", "0", "--no-progress"]) == 2
     assert capsys.readouterr().err.count("steps") == 1
+    assert not (tmp_path / "run").exists()  # refused before any case ran
