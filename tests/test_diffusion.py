@@ -487,3 +487,23 @@ def test_training_losses_rejects_mismatched_variance_config():
     x0 = _images((2, 3, 8, 8))
     with pytest.raises(ValueError, match="learned_variance"):
         d.training_losses(TinyNet(), x0, x0[:, :, ::2, ::2], _kernels(2), cfg=DiffusionConfig(learned_variance=False))
+
+
+def test_x0_prediction_oracle_loop_and_zero_loss():
+    """prediction="x0": the network's first channels are x̂0; an oracle lands on x0 and has zero loss."""
+    d = _chain(1000, train_steps=100, prediction="x0", learned_variance=False)
+    x0 = _images((2, 3, 8, 8), seed=5)
+    x = d.q_sample(x0, d.num_steps - 1, torch.randn(x0.shape, generator=torch.Generator().manual_seed(6)))
+    for i in reversed(range(d.num_steps)):
+        p = d.p_mean_variance(x0, x, torch.full((2,), i))
+        torch.testing.assert_close(p["pred_x0"], x0)
+        torch.testing.assert_close(d.predict_x0_from_eps(x, torch.full((2,), i), p["eps"]), x0, rtol=0, atol=1e-4)
+        x = p["mean"]
+    torch.testing.assert_close(x, x0, rtol=0, atol=1e-5)
+    losses = d.training_losses(lambda x_t, t, lr: (x0.clone(), None), x0, x0, None,
+                               cfg=DiffusionConfig(steps=1000, train_steps=100, prediction="x0",
+                                                   learned_variance=False, kernel_loss_weight=0))
+    assert float(losses["mse"].max()) == 0.0
+    assert _chain(1000, prediction="x0").respace([0, 999]).prediction == "x0"
+    with pytest.raises(ValueError, match="prediction"):
+        DiffusionConfig(prediction="v")

@@ -435,3 +435,33 @@ def test_config_is_a_plain_dataclass():
     flat = MCFormer(MCFormerConfig(**{**TINY, "width": 5, "blocks": (1,), "heads": (1,)}))
     out, _ = flat(torch.randn(1, 3, 7, 5), torch.tensor([1]), torch.rand(1, 3, 7, 5))
     assert out.shape == (1, 6, 7, 5) and flat.cfg.size_multiple == 1
+
+
+@pytest.mark.parametrize("size", [(32, 24), (13, 22)])
+def test_space_to_depth_stem_keeps_shapes_and_runs_at_lr_resolution(size):
+    model = tiny(patch_size=4, blocks=(1, 1), heads=(1, 1), residual_over="lr").eval()
+    assert model.cfg.size_multiple == 8
+    x_t, t, lr = inputs(h=size[0], w=size[1])
+    with torch.no_grad():
+        out, kernel = model(x_t, t, lr)
+    assert out.shape == (2, 6, *size)
+    assert_valid_kernels(kernel, 2, 7)
+    seen = []
+    hook = model.latent.register_forward_hook(lambda m, args, out: seen.append(out.shape[-2:]))
+    with torch.no_grad():
+        model(*inputs(h=32, w=24))
+    hook.remove()
+    assert tuple(seen[0]) == (32 // 8, 24 // 8)  # stem /4, one halving
+
+
+def test_residual_over_lr_adds_the_upsampled_lr():
+    with_res = tiny(residual_over="lr").eval()
+    without = tiny(output_residual=False).eval()
+    without.load_state_dict(with_res.state_dict())
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        a, _ = with_res(x_t, t, lr)
+        b, _ = without(x_t, t, lr)
+    up = with_res.upsample_lr(lr, x_t.shape[-2:])
+    torch.testing.assert_close(a[:, :3] - b[:, :3], up, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[:, 3:], b[:, 3:])

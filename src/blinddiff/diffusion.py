@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 KERNEL_LOSSES = ("l1", "mse", "l2")
+PREDICTIONS = ("eps", "x0")
 _LOG2 = math.log(2.0)
 
 
@@ -50,6 +51,9 @@ class DiffusionConfig:
     learned_variance: bool = True
     kernel_loss_weight: float = 1.0  # λ_kernel of Eq. (13); 0 reproduces the authors' release
     kernel_loss: str = "l1"  # "l1": Σ|Δ| over taps | "mse": mean Δ² | "l2": Σ Δ²
+    # What the network's first C channels are: "eps" (DDPM, the paper) or "x0" (the clean image, trained
+    # with an MSE on x0; its one-step prediction from pure noise is the MMSE restoration, our fidelity mode)
+    prediction: str = "eps"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -71,6 +75,8 @@ class DiffusionConfig:
             raise ValueError(f"kernel_loss_weight={self.kernel_loss_weight!r}: must be >= 0")
         if self.kernel_loss not in KERNEL_LOSSES:
             raise ValueError(f"kernel_loss={self.kernel_loss!r}: choose one of {KERNEL_LOSSES}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={self.prediction!r}: choose one of {PREDICTIONS}")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -212,6 +218,7 @@ class GaussianDiffusion:
         betas: Tensor | Sequence[float],
         *,
         learned_variance: bool = True,
+        prediction: str = "eps",
         timestep_map: Tensor | Sequence[int] | None = None,
         original_steps: int | None = None,
         data_range: tuple[float, float] = (0.0, 1.0),
@@ -227,9 +234,12 @@ class GaussianDiffusion:
         lo, hi = float(data_range[0]), float(data_range[1])
         if not hi > lo:
             raise ValueError(f"data_range={data_range}: need low < high (images in [0, 1] use (0.0, 1.0))")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}: choose one of {PREDICTIONS}")
         n = betas.numel()
         self.betas = betas
         self.learned_variance = bool(learned_variance)
+        self.prediction = prediction
         self.data_range = (lo, hi)
         self.bin_width = (hi - lo) / 255.0  # 8-bit images
         self.config: DiffusionConfig | None = None  # set by from_config
@@ -266,6 +276,7 @@ class GaussianDiffusion:
         chain = cls(
             linear_betas(cfg.steps, cfg.beta_start, cfg.beta_end),
             learned_variance=cfg.learned_variance,
+            prediction=cfg.prediction,
             data_range=data_range,
         )
         if cfg.train_steps is not None and cfg.train_steps != cfg.steps:
@@ -290,6 +301,7 @@ class GaussianDiffusion:
         return GaussianDiffusion(
             1.0 - ac / ac_prev,
             learned_variance=self.learned_variance,
+            prediction=self.prediction,
             timestep_map=self.timestep_map[kept],
             original_steps=self.original_steps,
             data_range=self.data_range,
@@ -374,10 +386,7 @@ class GaussianDiffusion:
         """ε = (x_t − √ᾱ_t·x0) / √(1−ᾱ_t), the inverse of `predict_x0_from_eps`."""
         t = self._steps(t, x_t)
         dt = _float_at_least_32(x_t.dtype, x0.dtype)
-        eps = (self._at("sqrt_recip_alphas_cumprod", t, x_t, dt) * x_t.to(dt) - x0.to(dt)) / self._at(
-            "sqrt_recipm1_alphas_cumprod", t, x_t, dt
-        )
-        return eps.to(torch.promote_types(x_t.dtype, x0.dtype))
+        return self._eps_from_x0(x_t.to(dt), t, x0.to(dt)).to(torch.promote_types(x_t.dtype, x0.dtype))
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance β̃_t and clipped log β̃_t of q(x_{t−1} | x_t, x0) (DDPM Eq. 6-7), x-shaped."""
@@ -397,6 +406,11 @@ class GaussianDiffusion:
             "sqrt_recipm1_alphas_cumprod", t, x_t, x_t.dtype
         ) * eps
 
+    def _eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return (self._at("sqrt_recip_alphas_cumprod", t, x_t, x_t.dtype) * x_t - x0) / self._at(
+            "sqrt_recipm1_alphas_cumprod", t, x_t, x_t.dtype
+        )
+
     def _posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return self._at("posterior_mean_coef1", t, x_t, x_t.dtype) * x0 + self._at(
             "posterior_mean_coef2", t, x_t, x_t.dtype
@@ -409,7 +423,8 @@ class GaussianDiffusion:
     ) -> dict[str, Tensor]:
         """Mean and variance of p(x_{t−1} | x_t) from the network output [B, 2C or C, …] (SPEC §4).
 
-        The first C channels are ε̂. With learned variance the next C channels v are IDDPM's learned
+        The first C channels are ε̂ (x̂0 when the chain's prediction is "x0"). With learned variance the
+        next C channels v are IDDPM's learned
         range: log σ² = frac·log β_t + (1−frac)·log β̃_t, frac = (v+1)/2 (v is not clamped, as in
         IDDPM); otherwise σ² = β̃_t ("fixed small"). `clip_x0` clamps x̂0 to the data range before
         the mean is formed. Returns mean, variance, log_variance, pred_x0 and the model's eps.
@@ -423,7 +438,12 @@ class GaussianDiffusion:
 
     def _p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: bool) -> dict[str, Tensor]:
         channels = x_t.shape[1]
-        eps = model_output[:, :channels]
+        if self.prediction == "x0":
+            pred_x0 = model_output[:, :channels]
+            eps = self._eps_from_x0(x_t, t, pred_x0)
+        else:
+            eps = model_output[:, :channels]
+            pred_x0 = self._x0_from_eps(x_t, t, eps)
         if self.learned_variance:
             frac = (model_output[:, channels:] + 1.0) / 2.0
             log_var = frac * self._at("log_betas", t, x_t, x_t.dtype) + (1.0 - frac) * self._at(
@@ -431,7 +451,6 @@ class GaussianDiffusion:
             )
         else:
             log_var = self._at("posterior_log_variance_clipped", t, x_t, x_t.dtype).expand(x_t.shape)
-        pred_x0 = self._x0_from_eps(x_t, t, eps)
         if clip_x0:
             pred_x0 = pred_x0.clamp(*self.data_range)
         return {
@@ -482,7 +501,7 @@ class GaussianDiffusion:
         t ~ U{0, …, N−1} and ε ~ N(0, I) are drawn on the generator's device (CPU by default) and
         moved, so a seed gives the same batch on any device. The model is called as
         ``model(x_t, model_timesteps(t), lr) -> (out [B, 2C|C, H, W], kernel)``. Returns float32 [B]:
-        mse (ε MSE, mean over C,H,W), vb (`vb_terms_bpd` on cat(ε̂.detach(), v), × N/1000 as IDDPM's
+        mse (MSE of the prediction, ε or x0, mean over C,H,W), vb (`vb_terms_bpd` on cat(ε̂.detach(), v), × N/1000 as IDDPM's
         rescaled-MSE; 0 without learned variance), kernel (`kernel_loss`; 0 when kernel_gt is None)
         and loss = mse + vb + λ·kernel (the kernel term is dropped, not multiplied, when λ = 0).
         `cfg` supplies λ and the kernel loss kind; it defaults to the chain's own config.
@@ -514,8 +533,8 @@ class GaussianDiffusion:
             raise ValueError(f"model returned {type(result).__name__}: it must return (out, kernel)")
         out, kernel_pred = result
         self._check_output(out, x0)
-        eps_pred = out[:, :channels].float()
-        mse = (noise.float() - eps_pred).square().flatten(1).mean(1)
+        target = x0 if self.prediction == "x0" else noise
+        mse = (target.float() - out[:, :channels].float()).square().flatten(1).mean(1)
 
         if self.learned_variance:
             # The bound only trains the variance: the mean is frozen so L_vb cannot disturb ε̂ (IDDPM §3.1).

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 __all__ = ["MCFormerConfig", "MCFormer", "count_parameters", "describe_complexity"]
 
 _KERNEL_HEADS = ("full", "pca")
+_RESIDUALS = ("x_t", "lr")
 
 
 # ---------------------------------------------------------------------------
@@ -71,13 +72,18 @@ class MCFormerConfig:
     pca_code_length: int = 10
     kernel_modulation: bool = True  # Table 3 ablation: False → modulation from time embedding only
     learned_variance: bool = True  # output 2*channels (eps + variance interpolation v) else channels
-    output_residual: bool = True  # add x_t to the ε channels (the release adds it to v as well; we don't)
+    output_residual: bool = True  # add a residual to the first C output channels (not to v)
+    residual_over: str = "x_t"  # what output_residual adds: "x_t" (ε-prediction, the release) | "lr" (↑y, x0-prediction)
+    # Space-to-depth stem: the input is pixel-unshuffled by patch_size (and the output pixel-shuffled), so the
+    # whole backbone and the kernel estimator run at H/p × W/p. 1 = the paper (full HR resolution); p = scale
+    # puts the top level at LR resolution, where the information is (the CPU-efficient presets).
+    patch_size: int = 1
     time_hidden_mult: int = 4  # hidden width of the time MLP = time_hidden_mult * width (release: 4)
 
     def __post_init__(self) -> None:
         self.blocks, self.heads = _int_tuple("blocks", self.blocks), _int_tuple("heads", self.heads)
         for name in ("channels", "width", "kernel_size", "estimator_depth", "estimator_width",
-                     "pca_code_length", "time_hidden_mult", "refinement_blocks"):
+                     "pca_code_length", "time_hidden_mult", "refinement_blocks", "patch_size"):
             value = getattr(self, name)
             low = 0 if name == "refinement_blocks" else 1
             if not _is_int(value) or value < low:
@@ -102,6 +108,8 @@ class MCFormerConfig:
                 )
         if not self.ffn_expansion > 0 or int(self.width * self.ffn_expansion) < 1:
             raise ValueError(f"MCFormerConfig.ffn_expansion must be > 0, got {self.ffn_expansion}")
+        if self.residual_over not in _RESIDUALS:
+            raise ValueError(f"MCFormerConfig.residual_over must be one of {_RESIDUALS}, got {self.residual_over!r}")
         if self.kernel_head not in _KERNEL_HEADS:
             raise ValueError(f"MCFormerConfig.kernel_head must be one of {_KERNEL_HEADS}, got {self.kernel_head!r}")
         if self.kernel_head == "pca" and self.pca_code_length > self.kernel_size**2:
@@ -120,8 +128,8 @@ class MCFormerConfig:
 
     @property
     def size_multiple(self) -> int:
-        """H and W are padded to a multiple of this inside the network (one halving per level)."""
-        return 2 ** (self.levels - 1)
+        """H and W are padded to a multiple of this inside the network (the stem, then one halving per level)."""
+        return self.patch_size * 2 ** (self.levels - 1)
 
 
 def _is_int(value: object) -> bool:
@@ -484,7 +492,8 @@ class MCFormer(nn.Module):
 
         taps = cfg.kernel_size**2
         head_outputs = taps if cfg.kernel_head == "full" else cfg.pca_code_length
-        self.kernel_estimator = KernelEstimator(2 * cfg.channels, cfg.estimator_width, cfg.estimator_depth,
+        stem_channels = 2 * cfg.channels * cfg.patch_size**2  # concat(x_t, ↑y), pixel-unshuffled by p
+        self.kernel_estimator = KernelEstimator(stem_channels, cfg.estimator_width, cfg.estimator_depth,
                                                 head_outputs)
         if cfg.kernel_head == "pca":
             # Placeholder PCA decoder until the trainer fits one on training kernels (set_kernel_basis):
@@ -499,7 +508,7 @@ class MCFormer(nn.Module):
         self.time_embedding = TimestepEmbedding(c, cfg.time_hidden_mult * c)
         self.kernel_embedding = KernelEmbedding(cfg.kernel_size, c) if cfg.kernel_modulation else None
 
-        self.patch_embed = nn.Conv2d(2 * cfg.channels, c, kernel_size=3, padding=1, bias=False)
+        self.patch_embed = nn.Conv2d(stem_channels, c, kernel_size=3, padding=1, bias=False)
         # Encoder: levels 1 … L-1, each followed by a downsampler.
         self.encoders = nn.ModuleList(BlockStack(cfg.blocks[i], dims[i], cfg.heads[i], exp, c)
                                       for i in range(levels - 1))
@@ -517,23 +526,41 @@ class MCFormer(nn.Module):
         )
         top = 2 * c if levels > 1 else c  # the level-1 decoder output keeps the concatenated width
         self.refinement = BlockStack(cfg.refinement_blocks, top, cfg.heads[0], exp, c)
-        self.output = nn.Conv2d(top, cfg.out_channels, kernel_size=3, padding=1, bias=False)
+        self.output = nn.Conv2d(top, cfg.out_channels * cfg.patch_size**2, kernel_size=3, padding=1, bias=False)
 
     # -- kernel branch -----------------------------------------------------
 
     def estimate_kernel(self, x_t: Tensor, lr_up: Tensor) -> Tensor:
-        """k̂_t [B, k, k] (non-negative, sums to 1) from x_t and the upsampled LR, both [B, C, H, W].
+        """k̂_t [B, k, k] (non-negative, sums to 1) from x_t and the upsampled LR, both [B, C, H, W]."""
+        return self._kernel_from_stem(self._stem(x_t, lr_up))
+
+    def _kernel_from_stem(self, stem: Tensor) -> Tensor:
+        """k̂_t from the stem input (see `_stem`).
 
         ``"full"`` head: softmax over k·k logits (the release). ``"pca"`` head (the paper): the code
         is decoded with the PCA basis, clamped ≥ 0 and renormalised.
         """
         k = self.cfg.kernel_size
-        head = self.kernel_estimator(torch.cat([x_t, lr_up], dim=1)).float()  # [B, k*k] or [B, L]
+        head = self.kernel_estimator(stem).float()  # [B, k*k] or [B, L]
         if self.cfg.kernel_head == "full":
             return head.softmax(dim=1).view(-1, k, k)
         flat = torch.addmm(self.kernel_pca_mean.float(), head, self.kernel_pca_basis.float())  # [B, k*k]
         flat = F.relu(flat) + 1e-8  # relu + eps: always a valid kernel, gradients flow through positive taps
         return (flat / flat.sum(dim=1, keepdim=True)).view(-1, k, k)
+
+    def _stem(self, x_t: Tensor, lr_up: Tensor) -> Tensor:
+        """concat(x_t, ↑y) [B, 2C, H, W] padded to `size_multiple` and pixel-unshuffled by `patch_size`:
+        [B, 2C·p², H'/p, W'/p] in channels-last memory, the input of the kernel estimator and the backbone."""
+        h, w = x_t.shape[-2:]
+        m = self.cfg.size_multiple
+        pad_h, pad_w = -h % m, -w % m
+        x = torch.cat([x_t, lr_up], dim=1)  # [B, 2C, H, W]
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)  # [B, 2C, H', W']
+        if self.cfg.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.cfg.patch_size)  # [B, 2C·p², H'/p, W'/p]
+        return x.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def set_kernel_basis(self, mean: Tensor, basis: Tensor) -> None:
@@ -573,38 +600,33 @@ class MCFormer(nn.Module):
             raise ValueError(f"t must be a scalar or have shape [{b}], got {tuple(t.shape)}")
 
         lr_up = self.upsample_lr(lr, (h, w))  # [B, C, H, W]
-        kernel = self.estimate_kernel(x_t, lr_up)  # [B, k, k]
+        stem = self._stem(x_t, lr_up)  # [B, 2C·p², H'/p, W'/p]
+        kernel = self._kernel_from_stem(stem)  # [B, k, k]
 
         cond = self.time_embedding(t)  # [B, C]
         if self.kernel_embedding is not None:
             cond = cond + self.kernel_embedding(kernel)
         cond = F.mish(cond)  # shared input of every block's modulation Linear
 
-        # Pad to a multiple of 2^(levels-1) so every level halves exactly; crop back at the end.
-        m = cfg.size_multiple
-        pad_h, pad_w = -h % m, -w % m
-        x = torch.cat([x_t, lr_up], dim=1)  # [B, 2C, H, W]
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)  # [B, 2C, H', W']
-
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.patch_embed(x)  # [B, C, H', W']
+        x = self.patch_embed(stem)  # [B, C, H'/p, W'/p]
         skips = []
         for encoder, down in zip(self.encoders, self.downs):
             x = encoder(x, cond)
-            skips.append(x)  # level i: [B, C·2^i, H'/2^i, W'/2^i]
+            skips.append(x)  # level i: [B, C·2^i, H'/(p·2^i), W'/(p·2^i)]
             x = down(x)
-        x = self.latent(x, cond)  # [B, C·2^(L-1), H'/2^(L-1), W'/2^(L-1)]
+        x = self.latent(x, cond)  # [B, C·2^(L-1), H'/(p·2^(L-1)), W'/(p·2^(L-1))]
         for up, reduce, decoder in zip(self.ups, self.reduces, self.decoders):
-            x = reduce(torch.cat([up(x), skips.pop()], dim=1))  # level i>1: [B, C·2^i, …]; level 1: [B, 2C, H', W']
+            x = reduce(torch.cat([up(x), skips.pop()], dim=1))  # level i>1: [B, C·2^i, …]; level 1: [B, 2C, …]
             x = decoder(x, cond)
         x = self.refinement(x, cond)
-        out = self.output(x)[:, :, :h, :w]  # [B, 2C|C, H, W]
+        out = self.output(x)  # [B, (2C|C)·p², H'/p, W'/p]
+        if cfg.patch_size > 1:
+            out = F.pixel_shuffle(out, cfg.patch_size)
+        out = out[:, :, :h, :w]  # [B, 2C|C, H, W]
 
         if cfg.output_residual:
-            eps = out[:, : cfg.channels] + x_t
-            out = torch.cat([eps, out[:, cfg.channels:]], dim=1) if cfg.learned_variance else eps
+            first = out[:, : cfg.channels] + (x_t if cfg.residual_over == "x_t" else lr_up)
+            out = torch.cat([first, out[:, cfg.channels:]], dim=1) if cfg.learned_variance else first
         return out.contiguous(), kernel  # plain NCHW for callers that .view() it
 
     # -- bookkeeping ---------------------------------------------------------
