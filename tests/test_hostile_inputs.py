@@ -492,13 +492,13 @@ def test_resume_skips_a_truncated_checkpoint_and_cleans_temporaries(hr_folder: P
     args = ["train", "--config", "tiny", "--out", str(run), "--no-progress", "--set", f"data.root={hr_folder}",
             "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=3"]
     assert main(args) == 0
-    state = run / "checkpoints" / "step_00000004.state.pt"
-    state.write_bytes(state.read_bytes()[:100])
-    (run / "checkpoints" / ".step_00000006.state.pt.abc.tmp").write_bytes(b"half")
+    shard = run / "checkpoints" / "step_00000004-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (run / "checkpoints" / ".step_00000006.index.json.abc.tmp").write_bytes(b"half")
     (run / ".weights.safetensors.abc.tmp").write_bytes(b"half")
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "--set", "train.steps=6"]) == 0
     assert not list(run.rglob("*.tmp"))
-    assert (run / "checkpoints" / "step_00000006.state.pt").is_file()
+    assert (run / "checkpoints" / "step_00000006.index.json").is_file()
 
 
 # ---------------------------------------------------------------- 17: evaluate with odd files

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blinddiff.checkpoint import complete_checkpoints, load_state, load_weights, prefixed, save_weights
+from blinddiff.checkpoint import complete_checkpoints, load_sharded, load_weights, prefixed, save_sharded, save_weights
 from blinddiff.cli import main
 from blinddiff.config import config_from_dict, config_to_dict, load_config, preset_names
 from blinddiff.diffusion import GaussianDiffusion
@@ -105,7 +105,7 @@ def test_train_run_folder_and_exact_resume(hr_folder: Path, tmp_path: Path) -> N
     assert load_config(str(tmp_path / "straight" / "config.yaml")) == cfg
     assert len((tmp_path / "straight" / "log.jsonl").read_text().splitlines()) == 2
     assert complete_checkpoints(tmp_path / "straight" / "checkpoints") == [3, 6]
-    state = load_state(tmp_path / "straight" / "checkpoints" / "step_00000006.state.pt")
+    _, _, _, state = load_sharded(tmp_path / "straight" / "checkpoints" / "step_00000006.index.json")
     assert state["step"] == 6 and "optimizer" in state and "rng" in state
     for key, value in straight.metrics.items():
         assert value == value, key  # finite, not NaN
@@ -116,7 +116,7 @@ def test_train_run_folder_and_exact_resume(hr_folder: Path, tmp_path: Path) -> N
                  "--no-progress"]) == 0
     a, b = weights_of(tmp_path / "straight"), weights_of(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ckpt = "checkpoints/step_00000006.safetensors"
+    ckpt = "checkpoints/step_00000006.index.json"  # a checkpoint loads like a weights file
     a, b = load_weights(tmp_path / "straight" / ckpt)[0], load_weights(tmp_path / "resumed" / ckpt)[0]
     assert all(torch.equal(a[k], b[k]) for k in a) and prefixed(a, "model.") and prefixed(a, "ema.")
 
@@ -188,5 +188,41 @@ def test_two_process_gloo_ddp(hr_folder: Path, tmp_path: Path) -> None:
     rank0, rank1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert complete_checkpoints(run / "checkpoints") == [2, 4] and (run / "weights.safetensors").is_file()
-    halfway = prefixed(load_weights(run / "checkpoints" / "step_00000002.safetensors")[0], "model.")
+    halfway = prefixed(load_weights(run / "checkpoints" / "step_00000002.index.json")[0], "model.")
     assert any(not torch.equal(rank0[k], v) for k, v in halfway.items())  # it kept training after step 2
+
+
+def test_sharded_set_round_trips_tensors_and_state_within_the_size_limit(tmp_path: Path) -> None:
+    cfg = load_config("tiny")
+    tensors = {f"t{i}": torch.randn(1000) for i in range(10)}  # 4000 bytes each
+    state = {"step": 7, "loss": float("nan"), "groups": [{"betas": (0.9, 0.99), "params": [0, 1]}],
+             "by_param": {0: {"exp_avg": torch.ones(3)}, 1: {"exp_avg": torch.zeros(2)}}, "name": None}
+    index = tmp_path / "ckpt.index.json"
+    save_sharded(index, tensors, cfg, shard_bytes=9000, state=state, step=7)
+    shards = sorted(tmp_path.glob("ckpt-*.safetensors"))
+    assert len(shards) == 5 and all(path.stat().st_size <= 9000 + 1024 for path in shards)  # + header
+    loaded, loaded_cfg, meta, back = load_sharded(index)
+    assert loaded_cfg == cfg and meta == {"step": 7} and loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert back["step"] == 7 and back["loss"] != back["loss"] and back["name"] is None
+    assert back["groups"][0]["betas"] == [0.9, 0.99] and set(back["by_param"]) == {0, 1}  # int keys survive
+    assert torch.equal(back["by_param"][0]["exp_avg"], torch.ones(3))
+    shards[2].unlink()
+    with pytest.raises(ValueError, match="ckpt.index.json"):
+        load_sharded(index)
+
+
+def test_time_boxed_chunks_resume_to_the_same_weights(hr_folder: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    args = ["--set", f"data.root={hr_folder}", "--set", "train.steps=4", "--set", "train.checkpoint_every=100",
+            "--set", "train.checkpoint_shard_mb=0.01", "--no-progress"]
+    assert main(["train", "--config", "tiny", "--out", str(straight), *args]) == 0
+    chunked = tmp_path / "chunked"
+    chunk = ["train", "--config", "tiny", "--out", str(chunked), "--resume", "--max-minutes", "1e-6", *args]
+    codes = [main(chunk) for _ in range(4)]
+    assert codes == [75, 75, 75, 0]  # each call does one step, checkpoints it and stops
+    a, b = weights_of(straight), weights_of(chunked)
+    largest = max(v.numel() * v.element_size() for v in a.values())  # a tensor is never split
+    shards = list((chunked / "checkpoints").glob("*.safetensors"))
+    assert len(shards) > 3 and max(p.stat().st_size for p in shards) <= max(0.01 * 2**20, largest) + 4096
+    assert all(torch.equal(a[k], b[k]) for k in a)

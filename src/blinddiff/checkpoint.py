@@ -1,9 +1,11 @@
 """Weights and training state on disk (STYLE §6).
 
 Weights are safetensors with the resolved run config in the metadata, so a weights file alone rebuilds
-its network. Training state (optimizer, scheduler, step, RNG states) lives in a separate torch file
-that is read with `weights_only=True`. Every write is atomic (temp file + rename), and a checkpoint
-counts as complete only once its state file exists, which is written last.
+its network. A training checkpoint is a sharded set (safetensors shards of at most
+``train.checkpoint_shard_mb`` each plus a JSON index, as large-model repositories ship weights) holding
+the model, its EMA and the training state (optimizer, scheduler, RNG states) as tensors under a JSON
+skeleton, so resuming never unpickles anything. Every write is atomic (temp file + rename), and a
+checkpoint counts as complete only once its index exists, which is written last.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .config import Config, config_from_dict, config_to_dict
 from .fileio import atomic_write
 
 FORMAT = "blinddiff-weights-1"
-CHECKPOINT_PATTERN = re.compile(r"step_(\d{8})\.state\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"step_(\d{8})\.index\.json")
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, **metadata: Any) -> None:
@@ -36,10 +38,14 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg: Config
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
-    """Read a weights file: (tensors, config, other metadata). Errors name the file and the fix."""
+    """Read a weights file, or a sharded set by its ``.index.json``: (tensors, config, other metadata).
+    Errors name the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.name.endswith(INDEX_SUFFIX):
+        tensors, cfg, metadata, _ = load_sharded(path)
+        return tensors, cfg, metadata
     try:
         tensors = load_safetensors_bytes(path.read_bytes())
         with open(path, "rb") as handle:
@@ -67,14 +73,109 @@ def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
-def checkpoint_paths(folder: Path, step: int) -> tuple[Path, Path]:
-    """(weights, state) file names of the checkpoint at `step`."""
-    return folder / f"step_{step:08d}.safetensors", folder / f"step_{step:08d}.state.pt"
+# --------------------------------------------------------------------------- sharded files
+#
+# Large-model repositories split weights into safetensors shards plus a JSON index that maps every
+# tensor to its shard (``model.safetensors.index.json``). Training checkpoints use the same layout so
+# that no file exceeds a size limit (e.g. 16 MiB per file to leave a time-boxed GPU machine) and so that
+# no pickle is ever read back: the optimizer/scheduler/RNG state is stored as tensors plus a JSON skeleton.
+
+INDEX_SUFFIX = ".index.json"
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_write(path) as handle:
-        torch.save(state, handle)
+def _flatten_state(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON skeleton of a nested state (dicts with int/str keys, lists, tuples, numbers, strings, None,
+    tensors); tensors go into `tensors` under their path and are referenced from the skeleton."""
+    if isinstance(tree, torch.Tensor):
+        tensors[prefix] = tree
+        return {"tensor": prefix}
+    if isinstance(tree, dict):
+        return {"dict": [[key, _flatten_state(value, f"{prefix}.{key}", tensors)] for key, value in tree.items()]}
+    if isinstance(tree, (list, tuple)):
+        return {"list": [_flatten_state(value, f"{prefix}.{i}", tensors) for i, value in enumerate(tree)]}
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return {"value": tree}
+    raise TypeError(f"cannot store a {type(tree).__name__} at {prefix} in a checkpoint")
+
+
+def _unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    (kind, content), = skeleton.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {key: _unflatten_state(value, tensors) for key, value in content}
+    if kind == "list":
+        return [_unflatten_state(value, tensors) for value in content]
+    return content
+
+
+def save_sharded(index: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, *, shard_bytes: int,
+                 state: Any = None, **metadata: Any) -> None:
+    """Write tensors as ``<stem>-0000i-of-0000n.safetensors`` shards of at most `shard_bytes` each (a larger
+    single tensor gets a shard of its own) and the index ``<stem>.index.json`` last, so a complete index
+    means a complete set. `state` (optimizer, RNG, …) is stored too, as tensors plus a JSON skeleton."""
+    index = Path(index)
+    if not index.name.endswith(INDEX_SUFFIX):
+        raise ValueError(f"{index}: a sharded file set is named by its index, <stem>{INDEX_SUFFIX}")
+    stem = index.name[: -len(INDEX_SUFFIX)]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    skeleton = _flatten_state(state, "state", tensors) if state is not None else None
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with atomic_write(index.parent / name) as handle:
+            handle.write(save_safetensors_bytes(shard, metadata={"format": FORMAT}))
+        weight_map.update({key: name for key in shard})
+    record = {"format": FORMAT, "config": config_to_dict(cfg), "metadata": metadata, "state": skeleton,
+              "weight_map": weight_map}
+    with atomic_write(index, "w") as handle:
+        json.dump(record, handle)
+
+
+def sharded_files(index: Path) -> list[Path]:
+    """The shard files an index names (for deleting a set); empty when the index is unreadable."""
+    try:
+        return sorted({index.parent / name for name in json.loads(index.read_text())["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def load_sharded(index: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any], Any]:
+    """Read a sharded set: (tensors, config, metadata, state). Errors name the file and the fix."""
+    index = Path(index)
+    try:
+        record = json.loads(index.read_text())
+        cfg = config_from_dict(record["config"])
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted(set(record["weight_map"].values())):
+            if Path(name).name != name:
+                raise ValueError(f"shard name {name!r} is not a plain file name")
+            tensors.update(load_safetensors_bytes((index.parent / name).read_bytes()))
+        if set(tensors) != set(record["weight_map"]):
+            raise ValueError("the shards do not hold the tensors the index names")
+        state_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("state.")]}
+        state = _unflatten_state(record["state"], state_tensors) if record["state"] is not None else None
+        return tensors, cfg, record.get("metadata", {}), state
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        raise ValueError(f"{index} is not a complete blinddiff sharded file set ({type(err).__name__}: {err}); "
+                         f"use an earlier checkpoint or the original files") from None
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+
+def checkpoint_index(folder: Path, step: int) -> Path:
+    """The index file of the checkpoint at `step` (its shards sit beside it)."""
+    return folder / f"step_{step:08d}{INDEX_SUFFIX}"
 
 
 def unreadable_torch_file(what: str | Path, err: BaseException) -> ValueError:
@@ -93,10 +194,6 @@ def load_torch(path: Path) -> Any:
         raise unreadable_torch_file(path, err) from None
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    return load_torch(path)
-
-
 def load_latest_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
     """(step, tensors, training state) of the newest checkpoint that reads back whole, or None.
 
@@ -104,32 +201,28 @@ def load_latest_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], 
     the one before it, so `--resume` loses the steps since then, not the run.
     """
     for step in reversed(complete_checkpoints(folder)):
-        weights, state_path = checkpoint_paths(folder, step)
         try:
-            tensors, _, _ = load_weights(weights)
-            state = load_state(state_path)
-        except Exception as err:  # torch and safetensors raise many kinds of errors for damaged files
-            warnings.warn(f"checkpoint {state_path} is damaged ({type(err).__name__}); resuming from an earlier one",
-                          stacklevel=2)
+            tensors, _, _, state = load_sharded(checkpoint_index(folder, step))
+        except ValueError as err:
+            warnings.warn(f"{err}; resuming from an earlier checkpoint", stacklevel=2)
             continue
         return step, tensors, state
     return None
 
 
 def complete_checkpoints(folder: Path) -> list[int]:
-    """Steps of the checkpoints whose weights and state are both on disk, oldest first."""
+    """Steps of the checkpoints whose index is on disk (written after their shards), oldest first."""
     if not folder.is_dir():
         return []
-    steps = []
-    for path in folder.iterdir():
-        match = CHECKPOINT_PATTERN.search(path.name)
-        if match and checkpoint_paths(folder, int(match.group(1)))[0].is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    return sorted(int(match.group(1)) for path in folder.iterdir()
+                  if (match := CHECKPOINT_PATTERN.fullmatch(path.name)))
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints."""
+    """Delete all but the newest `keep` complete checkpoints (the index first, so none is left half-complete)."""
     for step in complete_checkpoints(folder)[:-keep]:
-        for path in checkpoint_paths(folder, step):
+        index = checkpoint_index(folder, step)
+        shards = sharded_files(index)
+        index.unlink(missing_ok=True)
+        for path in shards:
             path.unlink(missing_ok=True)

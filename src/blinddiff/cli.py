@@ -50,9 +50,15 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import prepare_run, train
 
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes {args.max_minutes}: must be a positive number of minutes")
     cfg = prepare_run(Path(args.out), args.config, args.set, args.resume)
-    train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    return 0
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                   max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    return 0 if result.finished else TIME_BOX_EXIT
+
+
+TIME_BOX_EXIT = 75  # EX_TEMPFAIL: the time box ended the call, run it again (with --resume) to continue
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -182,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--max-minutes", type=float, metavar="M",
+                    help=f"time box: checkpoint and stop after M minutes (exit {TIME_BOX_EXIT}); rerun with --resume "
+                         "to continue, e.g. in ≤ 9-minute GPU chunks")
     tr.set_defaults(run=cmd_train)
 
     add_upscale_command(commands, "upscale", "blind super-resolution of images (MAP reverse process)",

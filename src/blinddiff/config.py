@@ -47,6 +47,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    checkpoint_shard_mb: float = 16.0  # largest checkpoint file (MiB); larger checkpoints are sharded
     init_from: str | None = None  # weights to start from (e.g. setting 2 from the setting-1 model)
     device: str = "auto"
 
@@ -58,6 +59,7 @@ class TrainConfig:
         for name in ("warmup_steps", "grad_clip", "spike_factor", "seed"):
             _check_range(f"train.{name}", getattr(self, name), low=0)
         _check_range("train.lr", self.lr, low=0, open_low=True)
+        _check_range("train.checkpoint_shard_mb", self.checkpoint_shard_mb, low=0, open_low=True)
         _check_range("train.lr_gamma", self.lr_gamma, low=0, high=1, open_low=True)
         _check_range("train.ema_decay", self.ema_decay, low=0, high=1)
         for beta in self.adam_betas:

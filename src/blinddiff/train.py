@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import checkpoint_paths, complete_checkpoints, load_latest_checkpoint, load_weights, prefixed, \
-    prune_checkpoints, save_state, save_weights
+from .checkpoint import checkpoint_index, complete_checkpoints, load_latest_checkpoint, load_weights, prefixed, \
+    prune_checkpoints, save_sharded, save_weights
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
@@ -222,10 +222,20 @@ class TrainResult:
     model: MCFormer  # this rank's trained (unwrapped) network
     ema: MCFormer
     metrics: dict  # the last logged record
+    finished: bool  # False when max_seconds stopped the run early (resume it to continue)
 
 
-def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train `cfg` into the run folder (module docstring); every rank returns its own result."""
+def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = True,
+          max_seconds: float | None = None) -> TrainResult:
+    """Train `cfg` into the run folder (module docstring); every rank returns its own result.
+
+    `max_seconds` time-boxes this call: once that much wall time has passed, the current step is
+    checkpointed and the run stops unfinished, to be continued with ``resume=True`` (GPU leases, job
+    schedulers, spot machines).
+    """
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds={max_seconds!r}: must be a positive number of seconds")
+    started = time.perf_counter()
     runtime = setup_runtime(cfg.train.device)
     run = Path(run)
     ckpt_dir = run / "checkpoints"
@@ -250,7 +260,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     latest = load_latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         start, tensors, state = latest
-        where = f"checkpoint {checkpoint_paths(ckpt_dir, start)[0]} (the run's config plus --set)"
+        where = f"checkpoint {checkpoint_index(ckpt_dir, start)} (the run's config plus --set)"
         load_matching(model, prefixed(tensors, "model."), where)
         load_matching(ema.model, prefixed(tensors, "ema."), where)
         optimizer.load_state_dict(state["optimizer"])
@@ -288,13 +298,12 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
                                      f"checkpoints in {ckpt_dir} are intact")
         runtime.barrier()
         if runtime.main:
-            weights, state_path = checkpoint_paths(ckpt_dir, step)
             tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
                        **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
-            save_weights(weights, tensors, cfg, step=step)
-            save_state(state_path, {"step": step, "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                                    "loss_avg": loss_avg, "skipped": skipped, "world": runtime.world})
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rng_state(), "loss_avg": loss_avg, "skipped": skipped, "world": runtime.world}
+            save_sharded(checkpoint_index(ckpt_dir, step), tensors, cfg, state=state, step=step,
+                         shard_bytes=int(tc.checkpoint_shard_mb * 2**20))
             prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
         runtime.barrier()
 
@@ -355,11 +364,22 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
             logger.log(metrics, quiet=bar is not None)
             window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "kernel": 0.0, "n": 0}
             tic = time.perf_counter()
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
+        out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
+        if max_seconds is not None and runtime.world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
             save(done)
+        if out_of_time:
+            break
     if bar is not None:
         bar.close()
-    if runtime.main and start < tc.steps:
+    finished = done == tc.steps if start < tc.steps else True
+    if runtime.main and not finished:
+        print(f"time box of {max_seconds:g} s reached at step {done} of {tc.steps}; checkpoint saved, "
+              f"continue with --resume", flush=True)
+    if runtime.main and start < tc.steps and finished:
         if not all(bool(torch.isfinite(p).all()) for p in ema.model.parameters()):
             raise FloatingPointError(f"training ended with non-finite EMA weights; {run / 'weights.safetensors'} "
                                      f"was not written; lower train.lr")
@@ -368,4 +388,4 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     runtime.barrier()
     if runtime.world > 1:
         dist.destroy_process_group()
-    return TrainResult(model, ema.model, metrics)
+    return TrainResult(model, ema.model, metrics, finished)
