@@ -161,3 +161,22 @@ def test_weight_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         inference.resolve_weights("tiny")
     with pytest.raises(FileNotFoundError, match="tiny"):
         inference.resolve_weights("no-such-model")
+
+
+def test_modes_name_the_two_ends_and_flags_override_them():
+    import argparse
+
+    from blinddiff.cli import build_parser, sample_options_from
+    from blinddiff.inference import SampleOptions
+
+    assert SampleOptions.for_mode("perceptual") == SampleOptions()
+    assert SampleOptions.for_mode("fidelity").steps == 1
+    assert SampleOptions.for_mode("fidelity", steps=3).steps == 3
+    with pytest.raises(ValueError, match="mode 'sharp'"):
+        SampleOptions.for_mode("sharp")
+    with pytest.raises(ValueError, match="stepz"):
+        SampleOptions.for_mode("fidelity", stepz=3)
+    args = build_parser().parse_args(["upscale", "x.png", "--out", "o", "--mode", "fidelity", "--zeta", "7"])
+    assert isinstance(args, argparse.Namespace)
+    options = sample_options_from(args)
+    assert options.steps == SampleOptions.for_mode("fidelity").steps and options.zeta == 7

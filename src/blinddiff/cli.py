@@ -83,11 +83,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def sample_options_from(args: argparse.Namespace) -> SampleOptions:
+    """The options of --mode, with every sampling flag given on the command line taking precedence."""
     from .inference import SampleOptions
 
-    return SampleOptions(steps=args.steps, sampler=args.sampler, eta=args.eta, zeta=args.zeta,
-                         guidance=args.guidance, gradient=args.gradient, x0_norm_weight=args.x0_norm_weight,
-                         tile=args.tile, tile_overlap=args.tile_overlap)
+    given = {name: getattr(args, name) for name in ("steps", "sampler", "eta", "zeta", "guidance", "gradient",
+                                                     "x0_norm_weight", "tile", "tile_overlap")}
+    return SampleOptions.for_mode(args.mode, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -105,29 +106,30 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 def add_sampling_options(parser: argparse.ArgumentParser, weights_required: bool = False) -> None:
     """Weights, device and reverse-process options shared by `upscale`, `deblur` and `benchmark`."""
-    from .inference import DEFAULT_WEIGHTS, SampleOptions
+    from .inference import DEFAULT_WEIGHTS, MODES, SampleOptions
 
-    defaults = SampleOptions()
+    perceptual, fidelity = SampleOptions.for_mode("perceptual"), SampleOptions.for_mode("fidelity")
     if weights_required:
         parser.add_argument("--weights", required=True, help="a .safetensors file or a shipped model name")
     else:
         parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="a .safetensors file or a shipped model name")
     parser.add_argument("--config", default=None, help="config for weights without one (.pt files)")
     parser.add_argument("--allow-pt", action="store_true", help="read .pt/.pth weights (with weights_only=True)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="reverse-process steps")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=defaults.sampler)
-    parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (0 = deterministic)")
-    parser.add_argument("--zeta", type=float, default=defaults.zeta,
-                        help="step size ζ of the kernel-aware gradient (paper: 1 with --gradient xt)")
-    parser.add_argument("--guidance", choices=("kernel-aware", "bicubic", "none"), default=defaults.guidance,
+    parser.add_argument("--mode", choices=tuple(MODES), default="perceptual",
+                        help=f"perceptual: guided reverse process ({perceptual.steps} steps, ζ {perceptual.zeta:g}); "
+                             f"fidelity: x̂0 in {fidelity.steps} step(s), highest PSNR. The flags below override it")
+    parser.add_argument("--steps", type=int, help="reverse-process steps")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"))
+    parser.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--zeta", type=float, help="step size ζ of the kernel-aware gradient (paper: 1 with --gradient xt)")
+    parser.add_argument("--guidance", choices=("kernel-aware", "bicubic", "none"),
                         help="data term between steps (paper: kernel-aware)")
-    parser.add_argument("--gradient", choices=("xt", "x0"), default=defaults.gradient,
+    parser.add_argument("--gradient", choices=("xt", "x0"),
                         help="back-propagate the data term through the network to x_t (paper) or take it at x̂0 "
-                             "(default: cheaper, and better with the shipped model)")
-    parser.add_argument("--x0-norm-weight", type=float, default=defaults.x0_norm_weight,
-                        help="weight of the release's extra ‖x̂0‖ term (release: 0.1)")
+                             "(the default: no backward pass through the network)")
+    parser.add_argument("--x0-norm-weight", type=float, help="weight of the release's extra ‖x̂0‖ term (release: 0.1)")
     parser.add_argument("--tile", type=int, default=None, help="HR tile size for large images (e.g. 256)")
-    parser.add_argument("--tile-overlap", type=int, default=defaults.tile_overlap, help="tile overlap in HR pixels")
+    parser.add_argument("--tile-overlap", type=int, help=f"tile overlap in HR pixels (default {perceptual.tile_overlap})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,12 +37,13 @@ MAX_PIXELS = 16384 * 16384  # HR pixels at all
 
 @dataclass
 class SampleOptions:
-    """Settings of the reverse process (see `blinddiff.sampling.sample`).
+    """Settings of the reverse process (see `blinddiff.sampling.sample`); the defaults are the perceptual mode.
 
-    The defaults were chosen by measurement on Set5 (`benchmarks/sampler_sweep.py`, docs/results.md):
-    with the shipped model, 10 DDPM steps with the data-term gradient taken at x̂0 and ζ = 30 gave the
-    best PSNR, and at about half the cost of the paper's variant (gradient through the network, ζ = 1);
-    more steps did not help. Pass `steps=50, zeta=1, gradient="xt"` for the paper's setting.
+    Two ends of the perception–distortion trade-off are named (`for_mode`): "perceptual" (the default)
+    runs the guided MAP reverse process; "fidelity" takes the network's x̂0 from pure noise in ONE step,
+    which for an x0-predicting model is its MMSE estimate (highest PSNR, smooth). Values chosen on Set5
+    with the default model (`benchmarks/sampler_sweep.py`, docs/results.md). Pass `steps=50, zeta=1,
+    gradient="xt"` for the paper's setting.
     """
 
     steps: int = 10
@@ -54,7 +55,23 @@ class SampleOptions:
     x0_norm_weight: float = 0.0
     tile: int | None = None
     tile_overlap: int = 32
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_mode(cls, mode: str = "perceptual", **overrides: Any) -> "SampleOptions":
+        """The options of a named mode ("perceptual" | "fidelity"), with any field overridden."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(f.name for f in fields(cls))}")
+        return replace(cls(**MODES[mode]), **overrides)
+
+
+MODES: dict[str, dict[str, Any]] = {
+    "perceptual": {},
+    "fidelity": {"steps": 1, "zeta": 0.0},
+}
 
 
 def shipped_weights() -> dict[str, dict]:
@@ -297,8 +314,7 @@ class BlindDiff:
                                    gradient=options.gradient, x0_norm_weight=options.x0_norm_weight,
                                    kernel=None if kernel is None else kernel.to(self.device),
                                    downsample=self.cfg.data.downsample, generators=generators, tile=options.tile,
-                                   tile_overlap=options.tile_overlap, callback=callback, progress=progress,
-                                   **options.extra)
+                                   tile_overlap=options.tile_overlap, callback=callback, progress=progress)
         sr, estimated = sr.float().cpu(), estimated.float().cpu()
         if not (bool(torch.isfinite(sr).all()) and bool(torch.isfinite(estimated).all())):
             raise ValueError(f"the reverse process diverged (NaN or infinite values) with zeta={options.zeta:g}, "
@@ -315,16 +331,18 @@ class BlindDiff:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
                 raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**64)")
 
-    def upscale(self, image: Any, *, seed: int = 0, kernel: torch.Tensor | np.ndarray | None = None,
-                callback: Callable | None = None, progress: bool = False, **options: Any) -> tuple[Any, Any]:
+    def upscale(self, image: Any, *, mode: str = "perceptual", seed: int = 0,
+                kernel: torch.Tensor | np.ndarray | None = None, callback: Callable | None = None,
+                progress: bool = False, **options: Any) -> tuple[Any, Any]:
         """Blind ×s super-resolution of one image (or a tensor batch): returns (sr, kernel) in the input's kind.
 
-        `options` are `SampleOptions` fields (steps, sampler, zeta, guidance, gradient, tile, …); `kernel`
-        switches to non-blind mode with that kernel. Alpha is upscaled separately (bicubic) and re-attached.
+        `mode` picks "perceptual" (guided reverse process) or "fidelity" (one-step x̂0, highest PSNR);
+        `options` override `SampleOptions` fields (steps, sampler, zeta, guidance, gradient, tile, …);
+        `kernel` switches to non-blind mode with that kernel. Alpha is upscaled separately (bicubic).
         """
         rgb, alpha, kind = to_tensor(image)
         given = None if kernel is None else given_kernels(kernel, rgb.shape[0])
-        sr, estimated = self.run(rgb, [seed] * rgb.shape[0], SampleOptions(**options), kernel=given,
+        sr, estimated = self.run(rgb, [seed] * rgb.shape[0], SampleOptions.for_mode(mode, **options), kernel=given,
                                  callback=callback, progress=progress)
         alpha_up = None if alpha is None else self.upscale_alpha(alpha)
         out_kernel: Any = estimated if kind["type"] == "tensor" and kind["batched"] else estimated[0]
