@@ -11,11 +11,11 @@ from blinddiff.demo import main
 
 
 def test_demo_writes_the_comparison_picture(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--weights", str(weights), "--steps", "2", "--size", "64", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["--weights", str(weights), "--size", "64", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
-    assert "PSNR-Y ours" in printed and "PSNR-Y bicubic" in printed
+    assert "PSNR-Y fidelity" in printed and "PSNR-Y perceptual" in printed and "PSNR-Y bicubic" in printed
     picture = Image.open(tmp_path / "demo" / "demo.png")
-    assert picture.height == 64 and picture.width > 4 * 64  # LR | bicubic | ours | HR | kernels
+    assert picture.height == 64 and picture.width > 5 * 64  # LR | bicubic | fidelity | perceptual | HR | kernels
 
 
 def test_demo_without_weights_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
