@@ -226,3 +226,16 @@ def test_time_boxed_chunks_resume_to_the_same_weights(hr_folder: Path, tmp_path:
     shards = list((chunked / "checkpoints").glob("*.safetensors"))
     assert len(shards) > 3 and max(p.stat().st_size for p in shards) <= max(0.01 * 2**20, largest) + 4096
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_writes_the_ema_of_a_checkpoint_in_half_precision(hr_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(hr_folder, "train.steps=2", "train.checkpoint_every=2"), run, progress=False)
+    index = run / "checkpoints" / "step_00000002.index.json"
+    assert main(["export", str(index), "--out", str(tmp_path / "w.safetensors"), "--dtype", "fp16"]) == 0
+    exported, cfg, meta = load_weights(tmp_path / "w.safetensors")
+    ema = prefixed(load_weights(index)[0], "ema.")
+    assert exported.keys() == ema.keys() and meta["step"] == 2 and cfg == load_config(str(run / "config.yaml"))
+    assert all(v.dtype == torch.float16 and torch.allclose(v.float(), ema[k], rtol=1e-3, atol=1e-4)
+               for k, v in exported.items() if ema[k].is_floating_point())
+    assert main(["export", str(index), "--out", str(index)]) == 2

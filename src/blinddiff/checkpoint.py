@@ -68,6 +68,24 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
     return tensors, cfg, extra
 
 
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_weights(source: str | Path, out: str | Path, dtype: str = "fp32") -> int:
+    """Write the EMA weights (the plain weights when there is no EMA) of a weights file or a checkpoint's
+    ``.index.json`` as one safetensors file with its config, floating tensors cast to `dtype` (fp16 halves
+    the size for shipping; loading casts back to fp32). Returns the size in bytes."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(EXPORT_DTYPES)}")
+    tensors, cfg, metadata = load_weights(source)
+    weights = prefixed(tensors, "ema.") or {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"{source} holds no network weights")
+    cast = {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in weights.items()}
+    save_weights(out, cast, cfg, **{k: v for k, v in metadata.items() if k == "step"}, kind="ema", source=str(source))
+    return Path(out).stat().st_size
+
+
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Select and strip one prefix (e.g. 'ema.') from a flat tensor dict."""
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}

@@ -61,6 +61,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 TIME_BOX_EXIT = 75  # EX_TEMPFAIL: the time box ended the call, run it again (with --resume) to continue
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_weights
+
+    if Path(args.out).resolve() == Path(args.weights).resolve():
+        raise ValueError(f"--out {args.out} is the input; choose another file name")
+    size = export_weights(args.weights, args.out, args.dtype)
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {args.dtype})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import config_to_dict, load_config
     from .model import describe_complexity
@@ -194,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"time box: checkpoint and stop after M minutes (exit {TIME_BOX_EXIT}); rerun with --resume "
                          "to continue, e.g. in ≤ 9-minute GPU chunks")
     tr.set_defaults(run=cmd_train)
+
+    export = commands.add_parser("export", help="EMA weights of a run or checkpoint as one file",
+                                 description="Write the EMA weights of a weights file or a checkpoint's "
+                                             ".index.json as one .safetensors file with its config.")
+    export.add_argument("weights", help="weights.safetensors or checkpoints/step_XXXXXXXX.index.json")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="precision of the stored tensors (fp16: half the size, for shipping)")
+    export.set_defaults(run=cmd_export)
 
     add_upscale_command(commands, "upscale", "blind super-resolution of images (MAP reverse process)",
                         "Blind SR: estimates the kernel and the HR image together (SPEC §5).")
