@@ -99,19 +99,20 @@ MODEL_WHEELS = (
 
 @dataclass(frozen=True)
 class PeerModel:
-    """One ncnn network: its files, blob names, LR context per tile side and how the border is padded."""
+    """One ncnn network: its files, input blob and channels, LR context per tile side, border padding, tile."""
 
     stem: str
     input_blob: str
+    channels: int  # RGB, + SRMD's 16 degradation maps
     context: int  # LR pixels of context around a tile (the vulkan programs' prepadding)
     pad_mode: str  # numpy.pad mode at the image border
     tile: int  # LR pixels per tile side (bounds memory on large images)
 
 
 MODELS = {
-    "realesrgan": PeerModel("realesrgan-x4plus", "data", 10, "reflect", 192),
-    "realsr": PeerModel("REALSR_DF2K_UP4X", "data", 10, "reflect", 192),
-    "srmd": PeerModel("srmd_x4", "input", 12, "edge", 400),
+    "realesrgan": PeerModel("realesrgan-x4plus", "data", 3, 10, "reflect", 192),
+    "realsr": PeerModel("REALSR_DF2K_UP4X", "data", 3, 10, "reflect", 192),
+    "srmd": PeerModel("srmd_x4", "input", 19, 12, "edge", 400),
 }
 
 
@@ -234,6 +235,8 @@ class NcnnUpscaler:
                 raise _missing(path.name, directory)
             if load(str(path)) != 0:
                 raise RuntimeError(f"ncnn could not load {path}; reinstall the peers with `make peers`")
+        side = 2 * self.spec.context + 4
+        self._forward(np.zeros((self.spec.channels, side, side), np.float32))  # warm-up: not timed with image 1
 
     def _forward(self, tile: np.ndarray) -> np.ndarray:
         data = np.ascontiguousarray(tile, dtype=np.float32)  # must outlive the Mat, which wraps its memory
