@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 peers: venv
 	$(BIN)/python -m blinddiff.peers install --srmd-pca $(SRMD_PCA)
 
-test: venv peers
+# The tests of the real peers skip (saying so) where `make peers` could not install them.
+test: venv
+	-$(MAKE) --no-print-directory peers
 	$(BIN)/python -m pytest -n 2 -q
 
 demo: venv

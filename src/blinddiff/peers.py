@@ -396,7 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     install.add_argument("--dest", default=None, help=f"folder for the model files (default {peers_dir()})")
     install.add_argument("--srmd-pca", default=None, help="KAIR's kernels/srmd_pca_matlab.mat, for srmd-gt/srmd-est")
     args = parser.parse_args(argv)
-    install_peers(Path(args.dest) if args.dest else None, srmd_pca=args.srmd_pca)
+    try:
+        install_peers(Path(args.dest) if args.dest else None, srmd_pca=args.srmd_pca)
+    except subprocess.CalledProcessError:
+        print(f"blinddiff.peers: error: pip failed (see above); {NCNN_REQUIREMENT} is pinned to its wheels for "
+              "CPython 3.10–3.13 on x86-64 Linux", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:
+        print(f"blinddiff.peers: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
