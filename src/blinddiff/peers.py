@@ -22,13 +22,15 @@ of a centred delta kernel is ``P[:, 112]``, the constant ``degradation_vector`` 
 Kernels other than 15×15 (:func:`srmd_kernel`): the centre tap ``(k//2, k//2)`` (the convention of
 ``blinddiff.kernels``) is put at (7, 7); larger kernels are centre-cropped, smaller ones zero-padded,
 and the result is renormalised to sum 1. A 21×21 Gaussian thus becomes exactly the 15×15 Gaussian
-of the same σ; the widest Gaussian8 kernel (σ 3.2) keeps 96% of its mass. Resampling would change
+of the same σ; the widest Gaussian8 kernel (σ 3.2) keeps 96.5% of its mass. Resampling would change
 the blur width, so it is not done. SRMD's training kernels are point-symmetric Gaussians, for which
 correlation (blinddiff's convention) and convolution coincide, so the kernel is passed unflipped.
 
 Large images are processed in tiles with the context of the vulkan programs (10 LR pixels, mirrored
-at the image border, for the RRDB models; 12, replicated, for SRMD), which leaves the result equal
-to a whole-image pass up to those borders.
+at the image border, for the RRDB models; 12, replicated, for SRMD). SRMD's twelve 3×3 convolutions
+see exactly 12 pixels, so its tiles equal a whole-image pass; the RRDB models see further, so their
+tile seams differ slightly, as in the vulkan programs (tiles are 192 LR pixels: Set5–B100 images
+fit in one).
 """
 
 from __future__ import annotations
