@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, read_rgb, tensor_to_rgb, write_json, \
     write_npy, write_png
 from .metrics import LPIPS, METRIC_NAMES, evaluate_pair, fid_from_images, kernel_l1, load_niqe_params, psnr
-from .peers import PEERS
+from .peers import PEERS, check_peers, peer_producers
 from .train import Runtime, setup_runtime
 
 if TYPE_CHECKING:
@@ -806,7 +806,6 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
     """
     from .degradation import upsample_bicubic
     from .inference import BlindDiff, SampleOptions, resolve_weights
-    from .peers import check_peers, peer_producers
 
     options = options or SampleOptions()
     settings = settings or BenchmarkSettings()

