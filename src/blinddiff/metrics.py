@@ -492,7 +492,8 @@ def installed_weights(name: Literal["vgg", "alex", "dists"]) -> Path:
     0.1's α, β. Found with ``importlib.util.find_spec`` (the package is not imported); a missing
     file raises FileNotFoundError naming :data:`METRIC_WEIGHTS_COMMAND`."""
     if name not in _INSTALLED_WEIGHTS:
-        raise ValueError(f"no installed weights named {name!r}; use one of {sorted(_INSTALLED_WEIGHTS)}")
+        raise ValueError(f"no installed weights named {name!r}; use one of "
+                         f"{sorted(_INSTALLED_WEIGHTS)}")
     package, relative, requirement = _INSTALLED_WEIGHTS[name]
     spec = importlib.util.find_spec(package)
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
@@ -779,7 +780,8 @@ class DISTS(nn.Module):
         self.taps = _VGG16_TAPS
         self.register_buffer("alpha", torch.full((sum(_DISTS_WIDTHS),), 0.1))
         self.register_buffer("beta", torch.full((sum(_DISTS_WIDTHS),), 0.1))
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
