@@ -290,6 +290,27 @@ def test_benchmark_resumes_without_recomputing(run_folder: Path, bench: Path, we
                                  device="cpu", log=lambda message: None)
 
 
+def test_benchmark_rescored_on_full_range_luma(run_folder: Path, bench: Path, weights: Path, tmp_path: Path) -> None:
+    """Resuming with --luma full recomputes only the Y metrics, from the saved images."""
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    settings = evaluation.BenchmarkSettings(trajectory_steps=3, steps_sweep=(1, 2), batch_size=2)
+    outcome = evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=2), settings=settings,
+                                       suite=evaluation.build_metric_suite(luma="full"), device="cpu",
+                                       log=lambda message: None)
+    assert outcome.computed == {"blinddiff": 0, "bicubic": 0, "gt-kernel": 0} and outcome.results is not None
+    assert outcome.results["luma"] == "full"
+    before = json.loads((run_folder / "results.json").read_text())["methods"]
+    gap = 20 * math.log10(255 / 219)
+    for method, data in outcome.results["methods"].items():
+        for old, new in zip(before[method]["cases"], data["cases"]):
+            assert new["psnr"] == pytest.approx(old["psnr"] - gap) and new["ssim"] != old["ssim"]
+            assert new.get("kernel_l1") == old.get("kernel_l1") and new.get("lpips_vgg") == old.get("lpips_vgg")
+    record = json.loads((run / "bicubic" / "records" / f"{cases(bench)[0]['name']}.json").read_text())
+    assert record["luma"] == "full"
+    assert "full-range luma" in (run / "results.md").read_text()
+
+
 def without_timing(value: object) -> object:
     """``value`` without its "seconds" entries (wall time differs between runs)."""
     if isinstance(value, dict):

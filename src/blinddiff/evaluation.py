@@ -616,8 +616,11 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
         if record is None:
             pending.append(case)
             continue
-        missing = [n for n in names if n not in record["metrics"]
-                   or (n in LUMA_METRICS and record.get("luma", "studio") != suite.luma)]
+        other_luma = record.get("luma", "studio") != suite.luma
+        if other_luma:  # its Y metrics are on the other luma: void
+            record["metrics"] = {k: v for k, v in record["metrics"].items() if k not in LUMA_METRICS}
+            record["luma"] = suite.luma
+        missing = [n for n in names if n not in record["metrics"]]
         if missing:
             kernel_file = folder / f"{case['name']}_kernel.npy"
             try:
@@ -627,7 +630,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
             except (ImageError, ValueError) as err:
                 problems.append(f"{method} {case['name']}: {err}")
                 continue
-            record["luma"] = suite.luma
+        if missing or other_luma:
             write_json(record_path, record)
         rows.append({**_case_row(case), **{n: record["metrics"][n] for n in names if n in record["metrics"]},
                      **({"seconds": record["seconds"]} if "seconds" in record else {})})
