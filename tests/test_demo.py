@@ -8,12 +8,16 @@ import pytest
 from PIL import Image
 
 from blinddiff.demo import main
+from conftest import metric_weights_installed
 
 
 def test_demo_writes_the_comparison_picture(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--weights", str(weights), "--size", "64", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
-    assert "PSNR-Y fidelity" in printed and "PSNR-Y perceptual" in printed and "PSNR-Y bicubic" in printed
+    lines = [line for line in printed.splitlines() if "PSNR-Y" in line]
+    assert [line.split()[0] for line in lines] == ["perceptual:", "fidelity:", "bicubic:"]
+    if metric_weights_installed("vgg"):  # by `make metric-weights`: LPIPS-VGG is printed too
+        assert all("LPIPS-VGG 0." in line for line in lines)
     picture = Image.open(tmp_path / "demo" / "demo.png")
     assert picture.height == 64 and picture.width > 5 * 64  # LR | bicubic | fidelity | perceptual | HR | kernels
 

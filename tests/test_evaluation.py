@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -19,11 +20,16 @@ from PIL import Image
 from blinddiff import evaluation
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
-from blinddiff.metrics import psnr, ssim
+from blinddiff.metrics import LPIPS, psnr, ssim
 from blinddiff.testsets import build_testset
-from conftest import sample_rgb
+from conftest import metric_weights_installed, sample_rgb
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+LPIPS_INSTALLED = metric_weights_installed("vgg")  # by `make metric-weights`; then LPIPS-VGG is a default metric
+needs_metric_weights = pytest.mark.skipif(not metric_weights_installed("vgg", "alex", "dists"),
+                                          reason="LPIPS/DISTS weights not installed; run `make metric-weights`")
 BENCH_ARGS = ["--steps", "2", "--steps-sweep", "1,2", "--trajectory-steps", "3", "--no-progress", "--device", "cpu"]
 
 RUNNER = """
@@ -92,15 +98,18 @@ def test_evaluate_known_values(bench: Path, tmp_path: Path, capsys: pytest.Captu
     assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr), "--suffix", "_x4",
                    "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")) == 0
     table = capsys.readouterr().out
-    assert "| sr | 4 | inf | 1.0000 | 0.0000 | inf |" in table
+    lpips = ["lpips_vgg"] if LPIPS_INSTALLED else []
+    assert f"| sr | 4 | inf | 1.0000 | {'0.0000 | ' * len(lpips)}0.0000 | inf |" in table
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["metrics"] == ["psnr", "ssim", "kernel_l1", "lr_psnr"]
+    assert result["metrics"] == ["psnr", "ssim", *lpips, "kernel_l1", "lr_psnr"] and result["luma"] == "studio"
     assert [row["name"] for row in result["cases"]] == [c["name"] for c in cases(bench)]
     for row in result["cases"]:
         assert row["psnr"] == math.inf and row["ssim"] == pytest.approx(1.0, abs=1e-12)
         assert row["kernel_l1"] == 0.0 and row["lr_psnr"] == math.inf
+        assert row.get("lpips_vgg", 0.0) == pytest.approx(0.0, abs=1e-6)
     csv_lines = (tmp_path / "r.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("name,image,group,psnr,ssim,kernel_l1,lr_psnr") and len(csv_lines) == 5
+    assert csv_lines[0].startswith(",".join(["name,image,group,psnr,ssim", *lpips, "kernel_l1,lr_psnr"]))
+    assert len(csv_lines) == 5
 
 
 def test_evaluate_matches_metrics_on_bicubic_results(bench: Path, tmp_path: Path,
@@ -114,7 +123,7 @@ def test_evaluate_matches_metrics_on_bicubic_results(bench: Path, tmp_path: Path
         Image.fromarray(up).save(sr / f"{case['name']}.png")
         hr = read_rgb(bench / case["hr"])
         expected.append((float(psnr(up, hr, crop=4)[0]), float(ssim(up, hr, crop=4)[0])))
-    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr)) == 0  # no kernels: PSNR/SSIM only
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr), "--metrics", "psnr,ssim") == 0
     result = json.loads((sr / "metrics.json").read_text())
     assert result["metrics"] == ["psnr", "ssim"]
     got = [[row["psnr"], row["ssim"]] for row in result["cases"]]
@@ -123,6 +132,33 @@ def test_evaluate_matches_metrics_on_bicubic_results(bench: Path, tmp_path: Path
     mean_psnr = sum(p for p, _ in expected) / len(expected)
     assert result["mean"]["psnr"] == pytest.approx(mean_psnr, rel=1e-12)
     assert f"| bicubic | 4 | {mean_psnr:.2f} |" in capsys.readouterr().out
+    # full-range luma (the published Bicubic rows): every PSNR 20·log10(255/219) dB lower
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr), "--metrics", "psnr", "--luma", "full",
+                   "--json", str(sr / "full.json")) == 0
+    full = json.loads((sr / "full.json").read_text())
+    assert full["luma"] == "full"
+    assert_close([[row["psnr"] + 20 * math.log10(255 / 219)] for row in full["cases"]], [[p] for p, _ in expected],
+                 "full-range luma")
+
+
+@needs_metric_weights
+def test_evaluate_lpips_with_installed_weights(bench: Path, tmp_path: Path) -> None:
+    """`--metrics lpips --lpips-net vgg` and LPIPS-Alex/DISTS need no weight options once installed."""
+    sr = tmp_path / "bicubic"
+    sr.mkdir()
+    expected = []
+    model = LPIPS.pretrained("vgg")
+    for case in cases(bench):
+        up = tensor_to_rgb(upsample_bicubic(rgb_to_tensor(read_rgb(bench / case["lr"])), 4).clamp(0, 1))
+        Image.fromarray(up).save(sr / f"{case['name']}.png")
+        hr = read_rgb(bench / case["hr"])
+        expected.append([float(model(rgb_to_tensor(up), rgb_to_tensor(hr), crop=4)[0])])
+    assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr), "--metrics", "lpips,lpips_alex,dists",
+                   "--lpips-net", "vgg") == 0
+    result = json.loads((sr / "metrics.json").read_text())
+    assert result["metrics"] == ["lpips_vgg", "lpips_alex", "dists"]
+    assert_close([[row["lpips_vgg"]] for row in result["cases"]], expected, "LPIPS-VGG")
+    assert all(0 < row["lpips_alex"] < 1 and 0 < row["dists"] < 1 for row in result["cases"])
 
 
 def test_evaluate_reports_missing_and_missized_files(bench: Path, tmp_path: Path,
@@ -141,12 +177,18 @@ def test_evaluate_reports_missing_and_missized_files(bench: Path, tmp_path: Path
     assert len(result["problems"]) == 2 and "| sr | 2 |" in captured.out
 
 
-def test_metrics_that_need_weights_fail_clearly(bench: Path, tmp_path: Path) -> None:
+def test_metrics_that_need_weights_fail_clearly(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sr = tmp_path / "sr"
     copy_hr_as_sr(bench, sr)
     base = ["evaluate", "--benchmark", str(bench), "--sr", str(sr)]
-    with pytest.raises(ValueError, match="--lpips-backbone"):
-        run_cli(*base, "--metrics", "psnr,lpips")
+    with pytest.raises(ValueError, match="both --lpips-backbone and --lpips-linear"):
+        run_cli(*base, "--metrics", "psnr,lpips", "--lpips-backbone", str(tmp_path / "vgg.pth"))
+    with monkeypatch.context() as patch:  # as on a machine without `make metric-weights`
+        patch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+        for metric in ("lpips", "lpips_alex", "dists"):
+            with pytest.raises(FileNotFoundError, match="run `make metric-weights`"):
+                run_cli(*base, "--metrics", f"psnr,{metric}")
+        assert run_cli(*base, "--metrics", "psnr") == 0
     with pytest.raises(FileNotFoundError, match="no_vgg.pth"):
         run_cli(*base, "--metrics", "lpips", "--lpips-backbone", str(tmp_path / "no_vgg.pth"),
                 "--lpips-linear", str(tmp_path / "no_lin.pth"))
@@ -198,7 +240,11 @@ def test_benchmark_writes_results_and_a_self_contained_report(run_folder: Path, 
     links = Links()
     links.feed((run_folder / "report.html").read_text())
     images = [t for t in links.targets if t.endswith(".png")]
-    assert len(images) >= 4 * 7 + 4  # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; 4 plots
+    # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; plots: 2 traces, 2 or 3 vs steps, perception–distortion
+    assert len(images) >= 4 * 7 + 4 + 2 * LPIPS_INSTALLED
+    if LPIPS_INSTALLED:
+        assert "plots/perception_distortion.png" in images and "plots/steps_lpips_vgg.png" in images
+        assert all("lpips_vgg" in data["mean"] for data in results["methods"].values())
     for target in links.targets:
         assert "://" not in target and not target.startswith("/") and ".." not in target
         assert (run_folder / target).is_file(), target
@@ -242,6 +288,27 @@ def test_benchmark_resumes_without_recomputing(run_folder: Path, bench: Path, we
     with pytest.raises(ValueError, match="sampling"):
         evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=3), settings=settings,
                                  device="cpu", log=lambda message: None)
+
+
+def test_benchmark_rescored_on_full_range_luma(run_folder: Path, bench: Path, weights: Path, tmp_path: Path) -> None:
+    """Resuming with --luma full recomputes only the Y metrics, from the saved images."""
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    settings = evaluation.BenchmarkSettings(trajectory_steps=3, steps_sweep=(1, 2), batch_size=2)
+    outcome = evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=2), settings=settings,
+                                       suite=evaluation.build_metric_suite(luma="full"), device="cpu",
+                                       log=lambda message: None)
+    assert outcome.computed == {"blinddiff": 0, "bicubic": 0, "gt-kernel": 0} and outcome.results is not None
+    assert outcome.results["luma"] == "full"
+    before = json.loads((run_folder / "results.json").read_text())["methods"]
+    gap = 20 * math.log10(255 / 219)
+    for method, data in outcome.results["methods"].items():
+        for old, new in zip(before[method]["cases"], data["cases"]):
+            assert new["psnr"] == pytest.approx(old["psnr"] - gap) and new["ssim"] != old["ssim"]
+            assert new.get("kernel_l1") == old.get("kernel_l1") and new.get("lpips_vgg") == old.get("lpips_vgg")
+    record = json.loads((run / "bicubic" / "records" / f"{cases(bench)[0]['name']}.json").read_text())
+    assert record["luma"] == "full"
+    assert "full-range luma" in (run / "results.md").read_text()
 
 
 def without_timing(value: object) -> object:
@@ -345,14 +412,31 @@ def test_summaries_and_tables() -> None:
                                   "| x | 2 | 25.00 | 0.6000 |"]
 
 
+MATPLOTLIB_C0_C1 = ((31, 119, 180), (255, 127, 14))  # matplotlib's first two default colours
+
+
+def drawn_pixels(path: Path, colour: tuple[int, int, int]) -> int:
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(pixels - colour).sum(axis=2) < 30).sum())
+
+
 def test_line_plot_draws_each_series(tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
     evaluation.line_plot(path, {"a": ([1, 2, 3], [1.0, 2.0, math.inf]), "b": ([1, 2, 3], [3.0, 1.0, 2.0])},
                          title="t", xlabel="step", ylabel="y", size=(300, 200))
-    pixels = np.asarray(Image.open(path).convert("RGB"))
-    assert pixels.shape == (200, 300, 3)
-    for colour in evaluation._COLOURS[:2]:  # both series are drawn in their colours
-        assert (np.abs(pixels.astype(int) - colour).sum(axis=2) < 30).sum() > 20
+    assert Image.open(path).size == (300, 200)
+    for colour in MATPLOTLIB_C0_C1:  # both series are drawn in their colours
+        assert drawn_pixels(path, colour) > 20
+
+
+def test_scatter_plot_draws_one_point_per_method(tmp_path: Path) -> None:
+    path = tmp_path / "scatter.png"
+    evaluation.scatter_plot(path, {"bicubic": (0.45, 25.9), "blinddiff": (0.30, 27.3), "broken": (math.nan, 1.0)},
+                            title="t", xlabel="LPIPS", ylabel="PSNR", size=(320, 240))
+    assert Image.open(path).size == (320, 240)
+    for colour in MATPLOTLIB_C0_C1:
+        assert drawn_pixels(path, colour) > 10
+    assert drawn_pixels(path, (44, 160, 44)) == 0  # C2: the non-finite point is left out
 
 
 def test_bench_speed_times_every_variant(capsys: pytest.CaptureFixture) -> None:

