@@ -85,9 +85,9 @@ METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "dis
 # BT.601 luma on 0…255 for RGB in [0, 1] as (offset, weights). "studio" ("MATLAB rgb2ycbcr", the
 # paper's tables): Y = 16 + 65.481 R + 128.553 G + 24.966 B ∈ [16, 235]; "full": 255 · (0.299 R
 # + 0.587 G + 0.114 B) ∈ [0, 255], on which the published Bicubic rows were computed.
-LUMA = ("studio", "full")
 _LUMA_COEFFICIENTS = {"studio": (16.0, (65.481, 128.553, 24.966)),
                       "full": (0.0, (0.299 * 255, 0.587 * 255, 0.114 * 255))}
+LUMA = tuple(_LUMA_COEFFICIENTS)
 
 _SSIM_WINDOW_SIZE = 11
 _SSIM_WINDOW_SIGMA = 1.5
