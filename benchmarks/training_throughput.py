@@ -1,0 +1,124 @@
+"""Training throughput and model-FLOP utilisation of presets (issue "Quality per CPU-hour", item 1).
+
+Prints, in one run on an otherwise idle machine:
+  * the roofline: dense 3×3 convolution (bf16, channels-last) and bf16 matrix-product TFLOP/s;
+  * per preset, patches/s of the real trainer (`blinddiff.train.train`: data pipeline, degradation,
+    diffusion loss, backward, Adam, EMA) at --crop² crops, measured over the second half of the
+    steps so start-up and compilation are excluded, and its MFU = model FLOP/s ÷ the conv roofline,
+    where model FLOPs are those of one training step's network forward + backward (2 per
+    multiply-add, convolutions and matrix products only, counted by torch's FlopCounterMode);
+  * the share of a step the degradation takes (it runs in the loop; measured separately).
+
+    python benchmarks/training_throughput.py --presets small-x4 fast-x4 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from blinddiff.config import load_config
+from blinddiff.data import TrainingDegradation
+from blinddiff.diffusion import GaussianDiffusion
+from blinddiff.hardware import autocast
+from blinddiff.model import MCFormer, count_parameters
+from blinddiff.train import train
+
+
+def best_seconds(fn, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls after one warm-up call (the roofline is a best case)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def roofline() -> dict[str, float]:
+    """TFLOP/s of a dense 3×3 conv (64→64 and 128→128 channels, bf16, channels-last) and a bf16 matmul."""
+    result = {}
+    with torch.no_grad():
+        for channels, size in ((64, 64), (128, 32)):
+            x = torch.randn(16, channels, size, size).to(torch.bfloat16, memory_format=torch.channels_last)
+            w = torch.randn(channels, channels, 3, 3).to(torch.bfloat16, memory_format=torch.channels_last)
+            flops = 2 * 16 * size * size * channels * channels * 9
+            result[f"conv3x3_{channels}ch"] = flops / best_seconds(lambda: F.conv2d(x, w, padding=1)) / 1e12
+        a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+        result["matmul_2048"] = 2 * 2048**3 / best_seconds(lambda: a @ b) / 1e12
+    return result
+
+
+def step_flops(cfg) -> float:
+    """FLOPs of the network in one training step (forward + backward) per patch."""
+    model = MCFormer(cfg.model)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    batch, crop, scale, k = 2, cfg.data.crop, cfg.data.scale, cfg.model.kernel_size
+    hr = torch.rand(batch, 3, crop, crop)
+    lr = torch.rand(batch, 3, crop // scale, crop // scale)
+    kernel = torch.full((batch, k, k), 1.0 / k**2)
+    with FlopCounterMode(display=False) as counter:
+        diffusion.training_losses(model, hr, lr, kernel, cfg=cfg.diffusion)["loss"].mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def degradation_seconds(cfg) -> float:
+    degradation = TrainingDegradation.from_config(cfg.data)
+    hr = torch.rand(cfg.train.batch_size, 3, cfg.data.crop, cfg.data.crop)
+    generator = torch.Generator().manual_seed(0)
+    return best_seconds(lambda: degradation(hr, generator))
+
+
+def trainer_patches_per_s(cfg) -> float:
+    """patches/s of `train()` over the second half of cfg.train.steps (one log window)."""
+    with tempfile.TemporaryDirectory() as run:
+        train(cfg, run, progress=False)
+        records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if "patches_per_s" in r][-1]["patches_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["small-x4", "fast-x4"])
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="trainer steps per preset (the second half is timed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (minutes per preset)")
+    parser.add_argument("--set", action="append", default=[], help="override for every preset, a.b=c")
+    args = parser.parse_args()
+
+    torch.set_num_threads(torch.get_num_threads())  # both cores (the default)
+    roof = roofline()
+    print(f"threads {torch.get_num_threads()}; roofline: "
+          + ", ".join(f"{name} {value:.2f} TFLOP/s" for name, value in roof.items()))
+    peak = max(v for k, v in roof.items() if k.startswith("conv"))
+    rows = []
+    for preset in args.presets:
+        half = args.steps // 2
+        cfg = load_config(preset, [f"data.crop={args.crop}", f"train.steps={args.steps}", f"train.log_every={half}",
+                                   f"train.checkpoint_every={args.steps}", "train.precision=bf16",
+                                   f"train.compile={args.compile}", *args.set])
+        flops = step_flops(cfg)
+        rate = trainer_patches_per_s(cfg)
+        degrade = degradation_seconds(cfg)
+        step_time = cfg.train.batch_size / rate
+        rows.append((preset, count_parameters(MCFormer(cfg.model)), cfg.train.batch_size, rate, flops,
+                     rate * flops / 1e12, degrade / step_time))
+    base = rows[0][3]
+    print(f"\n| preset | parameters | batch | patches/s at {args.crop}² | × {rows[0][0]} | GFLOP/patch (fwd+bwd) "
+          "| TFLOP/s | MFU (of conv roofline) | degradation share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for preset, params, batch, rate, flops, tflops, share in rows:
+        print(f"| {preset} | {params / 1e6:.2f} M | {batch} | {rate:.1f} | {rate / base:.1f} | {flops / 1e9:.2f} "
+              f"| {tflops:.3f} | {100 * tflops / peak:.1f} % | {100 * share:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
