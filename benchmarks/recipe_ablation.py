@@ -115,13 +115,13 @@ def score_cnn(weights: Path, held_out: Path, out: Path) -> dict:
     sr_dir.mkdir(parents=True, exist_ok=True)
     for case in json.loads((held_out / "manifest.json").read_text())["cases"]:
         with torch.no_grad():
-            sr = model(rgb_to_tensor(read_rgb(held_out / case["lr"]))[None])[0]
+            sr = model(rgb_to_tensor(read_rgb(held_out / case["lr"])))[0]
         write_png(sr_dir / f"{case['name']}.png", tensor_to_rgb(sr.clamp(0, 1)))
     subprocess.run([sys.executable, "-m", "blinddiff.cli", "evaluate", "--benchmark", str(held_out), "--sr",
                     str(sr_dir), "--metrics", "psnr,ssim,lpips", "--json", str(out / "metrics.json")], check=True)
     records = json.loads((out / "metrics.json").read_text())
     rows = records["cases"] if isinstance(records, dict) else records
-    return {key: sum(r[key] for r in rows) / len(rows) for key in ("psnr", "ssim", "lpips")}
+    return {key: sum(r[key] for r in rows) / len(rows) for key in ("psnr", "ssim", "lpips_vgg")}
 
 
 def train_candidate(preset: str, overrides: list[str], patches: int, run: Path) -> Path:
@@ -140,13 +140,19 @@ def train_candidate(preset: str, overrides: list[str], patches: int, run: Path) 
     return weights
 
 
-def score_candidate(weights: Path, held_out: Path, out: Path) -> dict:
+def score_candidate(weights: Path, held_out: Path, out: Path, mode: str) -> dict:
+    """Mean scores of `blinddiff benchmark --mode MODE` (the mode's default sampling settings)."""
     results = out / "results.json"
     if not results.is_file():
         subprocess.run([sys.executable, "-m", "blinddiff.cli", "benchmark", "--benchmark", str(held_out), "--out",
-                        str(out), "--weights", str(weights), "--baselines", "none", "--no-progress",
+                        str(out), "--weights", str(weights), "--mode", mode,
+                        "--baselines", "bicubic" if mode == "fidelity" else "none",
+                        "--trajectory-cases", "0", "--no-progress",
                         "--metrics", "psnr,ssim,lpips,lr_psnr,kernel_l1"], check=True)
-    return json.loads(results.read_text())
+    methods = json.loads(results.read_text())["methods"]
+    bicubic = {f"bicubic_{k}": methods["bicubic"]["mean"][k] for k in ("psnr", "lpips_vgg")} if "bicubic" in methods \
+        else {}
+    return {**methods["blinddiff"]["mean"], **bicubic}
 
 
 def main() -> None:
@@ -160,6 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     data_root = os.path.expandvars(load_config("fast-x4").data.root)
     held_out = held_out_set(args.gaussian8, args.out / "held_out")
+    rows = []
     for name, recipe in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
@@ -167,11 +174,22 @@ def main() -> None:
         if recipe is None:
             weights = train_cnn(args.patches, folder, data_root)
             if not args.train_only:
-                print(name, score_cnn(weights, held_out, folder / "eval"), flush=True)
+                rows.append((name, "regression", score_cnn(weights, held_out, folder / "eval")))
             continue
         weights = train_candidate(*recipe, args.patches, folder)
         if not args.train_only:
-            print(name, json.dumps(score_candidate(weights, held_out, folder / "eval"))[:400], flush=True)
+            for mode in ("perceptual", "fidelity"):
+                rows.append((name, mode, score_candidate(weights, held_out, folder / f"eval_{mode}", mode)))
+    if rows:
+        bicubic = next(r for _, _, r in rows if "bicubic_psnr" in r)
+        print(f"\nheld-out: {HELD_OUT_CASES} Set14 Gaussian8 cases; {args.patches} training patches per candidate; "
+              f"bicubic PSNR-Y {bicubic['bicubic_psnr']:.2f} dB, LPIPS-VGG {bicubic['bicubic_lpips_vgg']:.4f}\n")
+        print("| recipe | sampling | PSNR-Y | Δ bicubic | SSIM-Y | LPIPS-VGG | kernel LR-PSNR | kernel L1 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for name, mode, r in rows:
+            kernel = f"{r['lr_psnr']:.2f} | {r['kernel_l1']:.3f}" if "lr_psnr" in r else "– | –"
+            print(f"| {name} | {mode} | {r['psnr']:.2f} | {r['psnr'] - bicubic['bicubic_psnr']:+.2f} | {r['ssim']:.4f} "
+                  f"| {r['lpips_vgg']:.4f} | {kernel} |")
 
 
 if __name__ == "__main__":
