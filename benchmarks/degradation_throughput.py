@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import time_calls
 
 from blinddiff.degradation import blur, degrade, downsample, quantize
 
@@ -26,19 +26,6 @@ def gaussian_kernels(batch: int, size: int, generator: torch.Generator) -> torch
     r2 = coords[None, :, None] ** 2 + coords[None, None, :] ** 2
     kernels = torch.exp(-r2 / (2 * sigma**2))
     return kernels / kernels.sum(dim=(1, 2), keepdim=True)
-
-
-def time_seconds(fn: Callable[[], object], repeats: int,
-                 sync: Callable[[], None]) -> tuple[float, float]:
-    """(median, best) wall time of ``fn``; the best of the repeats is the less noisy figure
-    on a machine shared with other jobs."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
 
 
 def main() -> None:
@@ -86,7 +73,8 @@ def main() -> None:
                 fn()
         sync()
         for name, fn in stages:
-            median, best = time_seconds(fn, args.repeats, sync)
+            times = time_calls(fn, args.repeats, warmup=0, device=device)  # warmed up above, all stages first
+            median, best = statistics.median(times), min(times)
             print(f"{name:<52} {median * 1e3:>9.2f} {args.batch / median:>10.0f} "
                   f"{best * 1e3:>8.2f} {args.batch / best:>10.0f}")
 

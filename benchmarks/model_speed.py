@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import time_calls
 
 from blinddiff.config import load_config
 from blinddiff.diffusion import GaussianDiffusion
@@ -25,14 +25,7 @@ MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "compiled-fp32": ("fp
 
 
 def timed(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, repeats, warmup=warmup))
 
 
 def measure(config: str, batch: int, size: int, mode: str, repeats: int, train: bool) -> tuple[float, float | None]:

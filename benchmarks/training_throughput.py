@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import time_calls
 from torch.utils.flop_counter import FlopCounterMode
 
 from blinddiff.config import load_config
@@ -34,13 +34,7 @@ from blinddiff.train import train
 
 def best_seconds(fn, repeats: int = 5) -> float:
     """Fastest of `repeats` timed calls after one warm-up call (the roofline is a best case)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(time_calls(fn, repeats))
 
 
 def roofline() -> dict[str, float]:

@@ -39,7 +39,7 @@ def sample_rgb(height: int, width: int, which: str = "astronaut") -> np.ndarray:
 
 def metric_weights_installed(*names: str) -> bool:
     """Whether `make metric-weights` installed these LPIPS/DISTS weight files ("vgg", "alex", "dists")."""
-    from blinddiff.metrics import installed_weights
+    from blinddiff.perceptual import installed_weights
 
     try:
         for name in names:

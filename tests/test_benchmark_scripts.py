@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run benchmarks/<name> as `python benchmarks/<name> args…` → its exit status."""
     monkeypatch.setattr(sys, "argv", [name, *args])
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as `python benchmarks/<name>` does: finds timing.py
     try:
         runpy.run_path(str(REPO / "benchmarks" / name), run_name="__main__")
     except SystemExit as exit_:
@@ -70,3 +71,18 @@ def test_real_niqe_scores_both_methods_and_resumes(weights: Path, tmp_path: Path
     assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "ours").iterdir()} == stamps  # nothing upscaled again
     assert json.loads((out / "results.json").read_text())["mean"] == results["mean"]
+
+
+def test_sampling_speed_times_every_variant(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    script = runpy.run_path(str(REPO / "benchmarks" / "sampling_speed.py"))
+    rows = script["measure_speed"]("tiny", size=32, steps=2, precisions=("fp32", "bf16"), repeats=1, device="cpu")
+    assert [(r["mode"], r["variant"]) for r in rows] == [
+        (mode, variant) for mode in ("fp32 eager", "bf16 eager") for variant in script["SPEED_VARIANTS"]]
+    assert all(r["seconds"] > 0 and r["peak_mib"] > 0 and r["increase_mib"] >= 0 for r in rows)
+    table = script["speed_table"](rows).splitlines()
+    assert len(table) == 2 + 8 and table[2].startswith("| fp32 eager | forward |") and "| 1.00 | 1.00 |" in table[2]
+    assert run_script("sampling_speed.py", "--configs", "tiny", "--sizes", "32", "--steps", "2", "--modes", "fp32",
+                      "--repeats", "1", "--device", "cpu", monkeypatch=monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 eager | sample (2 steps) |" in out and "guided step" in out

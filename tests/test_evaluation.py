@@ -1,8 +1,7 @@
-"""The evaluation suite: `evaluate`, `benchmark` (report, resume, torchrun) and `bench-speed`, with a tiny model."""
+"""The evaluation suite: `evaluate` and `benchmark` (report, resume, torchrun), with a tiny model."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -18,9 +17,11 @@ import pytest
 from PIL import Image
 
 from blinddiff import evaluation
+from blinddiff.cli import build_parser
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
-from blinddiff.metrics import LPIPS, psnr, ssim
+from blinddiff.metrics import build_metric_suite, psnr, ssim
+from blinddiff.perceptual import LPIPS
 from blinddiff.testsets import build_testset
 from conftest import metric_weights_installed, sample_rgb
 
@@ -33,20 +34,16 @@ needs_metric_weights = pytest.mark.skipif(not metric_weights_installed("vgg", "a
 BENCH_ARGS = ["--steps", "2", "--steps-sweep", "1,2", "--trajectory-steps", "3", "--no-progress", "--device", "cpu"]
 
 RUNNER = """
-import argparse, sys
-from blinddiff.evaluation import add_evaluation_commands
-parser = argparse.ArgumentParser(prog="blinddiff")
-add_evaluation_commands(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args()
+import sys
+from blinddiff.cli import build_parser
+args = build_parser().parse_args()
 sys.exit(args.run(args))
 """
 
 
 def run_cli(*argv: str) -> int:
     """The commands as `blinddiff` runs them (cli.main adds them to its parser; errors → exceptions here)."""
-    parser = argparse.ArgumentParser(prog="blinddiff")
-    evaluation.add_evaluation_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
+    args = build_parser().parse_args(list(argv))
     return args.run(args)
 
 
@@ -296,7 +293,7 @@ def test_benchmark_rescored_on_full_range_luma(run_folder: Path, bench: Path, we
     shutil.copytree(run_folder, run)
     settings = evaluation.BenchmarkSettings(trajectory_steps=3, steps_sweep=(1, 2), batch_size=2)
     outcome = evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=2), settings=settings,
-                                       suite=evaluation.build_metric_suite(luma="full"), device="cpu",
+                                       suite=build_metric_suite(luma="full"), device="cpu",
                                        log=lambda message: None)
     assert outcome.computed == {"blinddiff": 0, "bicubic": 0, "gt-kernel": 0} and outcome.results is not None
     assert outcome.results["luma"] == "full"
@@ -349,7 +346,7 @@ def test_benchmark_argument_errors(bench: Path, weights: Path, tmp_path: Path) -
     base = ["benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out", str(tmp_path / "r")]
     with pytest.raises(ValueError, match="bicubc"):
         run_cli(*base, "--baselines", "bicubc")
-    with pytest.raises(ValueError, match="--limit 0"):
+    with pytest.raises(ValueError, match="limit=0"):
         run_cli(*base, "--limit", "0")
     hr = tmp_path / "hr"
     hr.mkdir()
@@ -437,16 +434,3 @@ def test_scatter_plot_draws_one_point_per_method(tmp_path: Path) -> None:
     for colour in MATPLOTLIB_C0_C1:
         assert drawn_pixels(path, colour) > 10
     assert drawn_pixels(path, (44, 160, 44)) == 0  # C2: the non-finite point is left out
-
-
-def test_bench_speed_times_every_variant(capsys: pytest.CaptureFixture) -> None:
-    rows = evaluation.measure_speed("tiny", size=32, steps=2, precisions=("fp32", "bf16"), repeats=1, device="cpu")
-    assert [(r["mode"], r["variant"]) for r in rows] == [
-        (mode, variant) for mode in ("fp32 eager", "bf16 eager") for variant in evaluation.SPEED_VARIANTS]
-    assert all(r["seconds"] > 0 and r["peak_mib"] > 0 and r["increase_mib"] >= 0 for r in rows)
-    table = evaluation.speed_table(rows).splitlines()
-    assert len(table) == 2 + 8 and table[2].startswith("| fp32 eager | forward |") and "| 1.00 | 1.00 |" in table[2]
-    assert run_cli("bench-speed", "--config", "tiny", "--size", "32", "--steps", "2", "--modes", "fp32",
-                   "--repeats", "1", "--device", "cpu") == 0
-    out = capsys.readouterr().out
-    assert "| fp32 eager | sample (2 steps) |" in out and "guided step" in out

@@ -163,7 +163,7 @@ def write_manifest(root: Path, cases: list[dict], scale=4) -> None:
     {"name": "a", "hr": 5, "lr": "LR/a.png", "kernel": "k/a.npy"},
 ])
 def test_manifest_paths_stay_inside_the_test_set(tmp_path: Path, case: dict) -> None:
-    from blinddiff.evaluation import load_benchmark
+    from blinddiff.testsets import load_benchmark
 
     write_manifest(tmp_path / "set", [case])
     with pytest.raises(ValueError, match="manifest.json"):
@@ -171,7 +171,7 @@ def test_manifest_paths_stay_inside_the_test_set(tmp_path: Path, case: dict) -> 
 
 
 def test_manifest_scale_must_be_a_positive_integer(tmp_path: Path) -> None:
-    from blinddiff.evaluation import load_benchmark
+    from blinddiff.testsets import load_benchmark
 
     write_manifest(tmp_path / "set", [{"name": "a", "hr": "HR/a.png", "lr": "LR/a.png", "kernel": "k/a.npy"}],
                    scale=None)
@@ -314,7 +314,8 @@ def test_config_numbers_are_range_checked(override: str) -> None:
 
 
 def test_benchmark_fingerprint_covers_case_content(hr_folder: Path, tmp_path: Path, weights: Path) -> None:
-    from blinddiff.evaluation import BenchmarkSettings, _fingerprint, load_benchmark
+    from blinddiff.evaluation import BenchmarkSettings, _fingerprint
+    from blinddiff.testsets import load_benchmark
     from blinddiff.inference import SampleOptions
 
     assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(tmp_path / "set"), "--protocol", "iso:1"]) == 0

@@ -27,9 +27,8 @@ from PIL import Image
 from scipy import ndimage, signal
 from scipy.special import gamma
 
+from blinddiff.perceptual import DISTS, LPIPS, installed_weights, load_perceptual, read_flax_checkpoint
 from blinddiff.metrics import (
-    DISTS,
-    LPIPS,
     METRIC_NAMES,
     PERCEPTUAL_METRICS,
     evaluate_pair,
@@ -37,15 +36,12 @@ from blinddiff.metrics import (
     fid_from_features,
     fid_from_images,
     frechet_distance,
-    installed_weights,
     kernel_l1,
     load_niqe_params,
-    load_perceptual,
     lr_psnr,
     niqe,
     niqe_features,
     psnr,
-    read_flax_checkpoint,
     rgb_to_y,
     ssim,
 )

@@ -19,12 +19,13 @@ from blinddiff.sampling import (
     GUIDANCE,
     SAMPLERS,
     StepInfo,
-    _evaluate,
-    _forward,
     _tile_grid,
-    data_energy,
+    data_term,
+    kernel_aware_energy,
+    known_kernel,
     sample,
     sampling_chain,
+    tiled,
 )
 
 SCALE = 2
@@ -51,6 +52,22 @@ def _lr_of(x0: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 def _gens(*seeds: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def data_energy(x0, kernel, lr, scale, *, guidance="kernel-aware", downsample="bicubic", x0_norm_weight=0.0):
+    """E of the data term named `guidance` (zeros for "none")."""
+    term = data_term(guidance, lr, scale, downsample, x0_norm_weight=x0_norm_weight)
+    return x0.new_zeros(x0.shape[0]) if term is None else term(x0, kernel)
+
+
+def run_sample(model, lr, chain, *, scale, guidance="kernel-aware", downsample="bicubic", x0_norm_weight=0.0,
+               kernel=None, tile=None, tile_overlap=32, **kwargs):
+    """`sample` with the data term, the known kernel and the tiles built as `BlindDiff.run` builds them."""
+    energy = data_term(guidance, lr, scale, downsample, x0_norm_weight=x0_norm_weight)
+    denoiser = model if kernel is None else known_kernel(model, kernel)
+    if tile is not None:
+        denoiser = tiled(denoiser, tile, tile_overlap, scale, getattr(getattr(model, "cfg", None), "size_multiple", 1))
+    return sample(denoiser, lr, chain, scale=scale, data_term=energy, **kwargs)
 
 
 class PriorDenoiser:
@@ -172,7 +189,7 @@ def test_oracle_denoiser_recovers_x0_and_kernel(truth, sampler, guidance):
     model = PriorDenoiser(_fixed(x0), _constant_kernel(kernel), var=0.0)
     chain = sampling_chain(DiffusionConfig(), 8)
     infos: list[StepInfo] = []
-    sr, k = sample(model, lr, chain, scale=SCALE, sampler=sampler, eta=0.5, guidance=guidance,
+    sr, k = run_sample(model, lr, chain, scale=SCALE, sampler=sampler, eta=0.5, guidance=guidance,
                    generators=_gens(1), callback=infos.append)
     assert sr.shape == x0.shape
     torch.testing.assert_close(sr, x0, atol=1e-4, rtol=0)
@@ -189,7 +206,7 @@ def test_kernel_aware_guidance_lowers_the_data_energy(truth):
     for guidance in ("none", "kernel-aware"):
         model = PriorDenoiser(_upsampled("nearest"), _constant_kernel(kernel), var=0.05)  # wrong prior mean
         infos: list[StepInfo] = []
-        sr, _ = sample(model, lr, chain, scale=SCALE, guidance=guidance, zeta=1.0, generators=_gens(0),
+        sr, _ = run_sample(model, lr, chain, scale=SCALE, guidance=guidance, zeta=1.0, generators=_gens(0),
                        callback=infos.append)
         if guidance == "none":
             assert all(float(i.energy) == 0 for i in infos)
@@ -210,7 +227,7 @@ def test_bicubic_guidance_ignores_the_kernel_and_kernel_aware_uses_it(truth):
     for guidance in ("bicubic", "kernel-aware"):
         for sigma in (0.6, 2.0):
             model = PriorDenoiser(_upsampled(), _constant_kernel(_gaussian_kernel(sigma)))
-            results[guidance, sigma] = sample(model, lr, chain, scale=SCALE, guidance=guidance, generators=_gens(0))[0]
+            results[guidance, sigma] = run_sample(model, lr, chain, scale=SCALE, guidance=guidance, generators=_gens(0))[0]
     assert torch.equal(results["bicubic", 0.6], results["bicubic", 2.0])
     assert not torch.allclose(results["kernel-aware", 0.6], results["kernel-aware", 2.0], atol=1e-4)
 
@@ -221,7 +238,7 @@ def test_gradient_variants_and_norm_weight_change_the_result(truth):
 
     def run(**kw):
         model = PriorDenoiser(_upsampled(), _content_kernel)
-        return sample(model, lr, chain, scale=SCALE, generators=_gens(0), **kw)[0]
+        return run_sample(model, lr, chain, scale=SCALE, generators=_gens(0), **kw)[0]
 
     xt, x0_variant = run(gradient="xt"), run(gradient="x0")
     assert torch.isfinite(xt).all() and torch.isfinite(x0_variant).all()
@@ -229,7 +246,7 @@ def test_gradient_variants_and_norm_weight_change_the_result(truth):
     assert (run(x0_norm_weight=0.1) - xt).abs().max() > 1e-3
     assert torch.equal(run(zeta=0.0), run(guidance="none"))  # ζ = 0 is no guidance
     infos: list[StepInfo] = []
-    sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE, zeta=0.0, callback=infos.append)
+    run_sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE, zeta=0.0, callback=infos.append)
     assert all(float(i.energy) == pytest.approx(float(data_energy(i.x0, i.kernel, lr, SCALE))) for i in infos)
     assert all(float(i.energy) > 0 for i in infos)  # E is still reported when ζ = 0
 
@@ -243,7 +260,7 @@ def test_non_blind_mode_uses_the_given_kernel(truth):
     for mode, given in (("blind", None), ("non-blind", kernel[None])):
         model = PriorDenoiser(_fixed(x0), _constant_kernel(garbage), var=0.0)
         infos: list[StepInfo] = []
-        sr, k = sample(model, lr, chain, scale=SCALE, kernel=given, generators=_gens(0), callback=infos.append)
+        sr, k = run_sample(model, lr, chain, scale=SCALE, kernel=given, generators=_gens(0), callback=infos.append)
         runs[mode] = (sr, k, infos)
     sr, k, infos = runs["non-blind"]
     assert all(float(i.energy) < 1e-4 for i in infos)
@@ -261,7 +278,7 @@ def test_same_seed_same_result_batch_equals_one_by_one():
 
     def run(images, seeds, **kw):
         model = PriorDenoiser(_upsampled(), _content_kernel)
-        return sample(model, images, chain, scale=SCALE, generators=_gens(*seeds), **kw)
+        return run_sample(model, images, chain, scale=SCALE, generators=_gens(*seeds), **kw)
 
     a, ka = run(lr, (1, 2))
     b, kb = run(lr, (1, 2))
@@ -272,7 +289,7 @@ def test_same_seed_same_result_batch_equals_one_by_one():
         single, k = run(lr[i : i + 1], (seed,))
         torch.testing.assert_close(single, a[i : i + 1], atol=1e-5, rtol=0)
         torch.testing.assert_close(k, ka[i : i + 1], atol=1e-5, rtol=0)
-    d, _ = sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE)  # default: seed 0 each
+    d, _ = run_sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE)  # default: seed 0 each
     e, _ = run(lr, (0, 0))
     assert torch.equal(d, e)
     f, _ = run(lr, (1, 2), sampler="ddim", eta=0.0)
@@ -306,7 +323,7 @@ def test_no_graph_survives_a_step_and_no_parameter_gradients(truth):
 
     for gradient in GRADIENTS:
         refs.clear(), seen.clear()
-        sr, k = sample(net, lr, sampling_chain(DiffusionConfig(), 3), scale=SCALE, gradient=gradient,
+        sr, k = run_sample(net, lr, sampling_chain(DiffusionConfig(), 3), scale=SCALE, gradient=gradient,
                        callback=callback)
         assert sr.grad_fn is None and k.grad_fn is None and not sr.requires_grad
         gc.collect()
@@ -336,7 +353,7 @@ def test_single_tile_is_exactly_the_untiled_path(truth):
     chain = sampling_chain(DiffusionConfig(), 3)
 
     def run(**kw):
-        return sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE,
+        return run_sample(PriorDenoiser(_upsampled(), _content_kernel), lr, chain, scale=SCALE,
                       generators=_gens(0), **kw)
 
     plain = run()
@@ -354,7 +371,7 @@ def test_tiles_leave_no_seam_and_memory_follows_the_tile(gradient):
 
     def run(**kw):
         model = PriorDenoiser(_upsampled(), _constant_kernel(kernel))
-        sr, _ = sample(model, lr, chain, scale=SCALE, gradient=gradient, generators=_gens(0), **kw)
+        sr, _ = run_sample(model, lr, chain, scale=SCALE, gradient=gradient, generators=_gens(0), **kw)
         return sr, model
 
     plain, _ = run()
@@ -374,7 +391,7 @@ def test_tiles_leave_no_seam_and_memory_follows_the_tile(gradient):
 def test_tiles_share_the_mean_kernel(gradient):
     lr = _lr_of(_smooth_image(2, 32, seed=9) * torch.linspace(0.3, 1.3, 32), _gaussian_kernel(1.3))
     model = PriorDenoiser(_upsampled(), _content_kernel)
-    _, k = sample(model, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient,
+    _, k = run_sample(model, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient,
                   tile=16, tile_overlap=4)
     n = len(_tile_grid(32, 32, 16, 4))
     last = torch.stack(model.kernels[-n:])  # [tiles, B, k, k] of the last step
@@ -387,23 +404,31 @@ def test_tiled_two_pass_gradient_equals_autograd_through_all_tiles():
     lr = _lr_of(_smooth_image(2, 48, seed=2), _gaussian_kernel(1.3))
     x_t = torch.randn(2, 3, 48, 48)
     chain = sampling_chain(DiffusionConfig(), 5)
-    tiles = _tile_grid(48, 48, 16, 6)
     model = PriorDenoiser(_upsampled(), _content_kernel)
-
-    def energy_fn(x0, k):
-        return data_energy(x0, k, lr, SCALE, x0_norm_weight=0.1)
-
+    energy_fn = kernel_aware_energy(lr, SCALE, x0_norm_weight=0.1)
     index = 2
-    _, kernel, energy, grad = _evaluate(model, x_t, index, chain, lr, tiles=tiles, scale=SCALE,
-                                        energy_fn=energy_fn, guided=True, gradient="xt", clip_x0=True,
-                                        kernel_used=True)
-    x_leaf = x_t.clone().requires_grad_(True)
-    t = torch.full((2,), index)
-    out, k = _forward(model, x_leaf, chain.model_timesteps(t), lr, tiles, SCALE)
-    reference = energy_fn(chain.p_mean_variance(out, x_leaf, t, clip_x0=True)["pred_x0"], k)
-    (expected,) = torch.autograd.grad(reference.sum(), x_leaf)
-    torch.testing.assert_close(energy, reference.detach())
-    torch.testing.assert_close(kernel, k.detach())
+    t = chain.model_timesteps(torch.full((2,), index))
+
+    def energy_and_grad(forward):
+        x_leaf = x_t.clone().requires_grad_(True)
+        out, k = forward(x_leaf)
+        energy = energy_fn(chain.p_mean_variance(out, x_leaf, index, clip_x0=True)["pred_x0"], k)
+        return energy.detach(), k.detach(), torch.autograd.grad(energy.sum(), x_leaf)[0]
+
+    def all_tiles_at_once(x):  # one graph through every tile (memory grows with the image)
+        tiles = _tile_grid(48, 48, 16, 6)
+        out, kernel = 0, 0
+        for tile in tiles:
+            (ys, xs), (ly, lx) = tile.hr(), tile.lr(SCALE)
+            part, k = model(x[:, :, ys, xs], t, lr[:, :, ly, lx])
+            pad = (tile.left, 48 - tile.left - tile.width, tile.top, 48 - tile.top - tile.height)
+            out, kernel = out + F.pad(tile.weight.float() * part, pad), kernel + k
+        return out, kernel / len(tiles)
+
+    energy, kernel, grad = energy_and_grad(lambda x: tiled(model, 16, 6, SCALE)(x, t, lr))
+    reference, k, expected = energy_and_grad(all_tiles_at_once)
+    torch.testing.assert_close(energy, reference)
+    torch.testing.assert_close(kernel, k)
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
     assert float(grad.abs().max()) > 0
 
@@ -418,13 +443,14 @@ def test_tiny_mcformer_samples_in_range_without_parameter_grads():
     net = MCFormer(cfg).eval()
     lr = torch.rand(2, 3, 8, 8)
     for gradient in GRADIENTS:
-        sr, k = sample(net, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient)
+        sr, k = run_sample(net, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient)
         assert sr.shape == (2, 3, 16, 16) and k.shape == (2, KSIZE, KSIZE)
-        assert float(sr.min()) >= 0 and float(sr.max()) <= 1
+        again, _ = run_sample(net, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient)
+        assert torch.equal(sr, again) and float(sr.std()) > 0  # reproducible, and not a constant (clamped) image
         torch.testing.assert_close(k.sum((1, 2)), torch.ones(2))
     assert all(p.grad is None for p in net.parameters())
     with pytest.raises(ValueError, match="tile=12"):  # tiles must be on the model's size-multiple grid
-        sample(net, lr, sampling_chain(DiffusionConfig(), 1), scale=SCALE, tile=12)
+        tiled(net, 12, 4, SCALE, net.cfg.size_multiple)
 
 
 # --------------------------------------------------------------------------- errors
@@ -442,7 +468,7 @@ def test_tiny_mcformer_samples_in_range_without_parameter_grads():
         ({"eta": 1.5}, "eta=1.5"),
         ({"eta": -0.1}, "eta=-0.1"),
         ({"x0_norm_weight": -0.1}, "x0_norm_weight"),
-        ({"scale": 0}, "scale=0"),
+        ({"scale": 0}, "scale 0"),
         ({"kernel": torch.ones(3, KSIZE, KSIZE) / KSIZE**2}, "kernel shape"),
         ({"kernel": torch.ones(KSIZE)}, "kernel must be"),
         ({"kernel": torch.ones(41, 41)}, "too large"),
@@ -457,7 +483,7 @@ def test_bad_arguments_raise(truth, kwargs, match):
     x0, kernel, lr = truth
     model = PriorDenoiser(_upsampled(), _constant_kernel(kernel))
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
-        sample(model, lr.expand(2, -1, -1, -1), sampling_chain(DiffusionConfig(), 2), **{"scale": SCALE, **kwargs})
+        run_sample(model, lr.expand(2, -1, -1, -1), sampling_chain(DiffusionConfig(), 2), **{"scale": SCALE, **kwargs})
     assert not model.sizes  # rejected before any network call
 
 
@@ -466,17 +492,17 @@ def test_bad_inputs_raise(truth):
     model = PriorDenoiser(_upsampled(), _constant_kernel(kernel))
     chain = sampling_chain(DiffusionConfig(), 2)
     with pytest.raises(ValueError, match="lr must be"):
-        sample(model, lr[0], chain, scale=SCALE)
+        run_sample(model, lr[0], chain, scale=SCALE)
     bad = lr.clone()
     bad[0, 0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="input contains NaN"):
-        sample(model, bad, chain, scale=SCALE)
+        run_sample(model, bad, chain, scale=SCALE)
     with pytest.raises(ValueError, match="chain"):
-        sample(model, lr, DiffusionConfig(), scale=SCALE)
+        run_sample(model, lr, DiffusionConfig(), scale=SCALE)
     with pytest.raises(ValueError, match="shape"):
         data_energy(x0, kernel, lr[..., :-1], SCALE)
     with pytest.raises(ValueError, match="needs a kernel"):
         data_energy(x0, None, lr, SCALE)
     with pytest.raises(ValueError, match="guidance"):
-        data_energy(x0, kernel, lr, SCALE, guidance="bicubic-based")
+        data_term("bicubic-based", lr, SCALE)
     assert set(GUIDANCE) == {"kernel-aware", "bicubic", "none"}

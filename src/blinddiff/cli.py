@@ -10,20 +10,29 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 
 if TYPE_CHECKING:
     from .inference import SampleOptions
+    from .metrics import MetricSuite
 
 
-def report(problems: list[str]) -> int:
+def with_flags(message: str, args: argparse.Namespace) -> str:
+    """Library errors name parameters (`tile=4: …`); on the command line the flag is named (`--tile 4: …`)."""
+    return re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=",
+                  lambda m: f"--{m[1].replace('_', '-')} " if m[1] in vars(args) else m[0], message)
+
+
+def report(problems: list[str], args: argparse.Namespace) -> int:
     """Print per-input problems to stderr; exit status 1 if there were any."""
     for problem in problems:
-        print(f"blinddiff: error: {problem}", file=sys.stderr)
+        print(f"blinddiff: error: {with_flags(problem, args)}", file=sys.stderr)
     if problems:
         print(f"blinddiff: {len(problems)} input(s) failed (see above); the others were processed", file=sys.stderr)
     return 1 if problems else 0
@@ -36,7 +45,7 @@ def cmd_make_benchmark(args: argparse.Namespace) -> int:
                                       noise=args.noise, seed=args.seed, kernel_size=args.kernel_size,
                                       force=args.force)
     print(f"wrote {len(records)} case(s) to {args.out} (manifest: {args.out}/manifest.json)")
-    return report(problems)
+    return report(problems, args)
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
@@ -44,7 +53,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
     problems = degrade_files(args.inputs, args.out, args.scale, args.kernel, downsample=args.downsample,
                              noise=args.noise, seed=args.seed, kernel_size=args.kernel_size)
-    return report(problems)
+    return report(problems, args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -111,30 +120,119 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     problems = upscale_files(model, args.inputs, args.out, sample_options_from(args), seed=args.seed,
                              batch_size=args.batch_size, suffix=args.suffix, ext=args.ext,
                              save_trajectory=args.save_trajectory, progress=not args.no_progress)
-    return report(problems)
+    return report(problems, args)
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, weights_required: bool = False) -> None:
+def add_metric_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The metric suite's options shared by `evaluate` and `benchmark`."""
+    from .metrics import ALL_METRICS, LUMA
+
+    parser.add_argument("--metrics", default=None,
+                        help=f"comma-separated, from {','.join(ALL_METRICS)}; lpips = lpips_<--lpips-net> (default: "
+                             "psnr,ssim,lpips_vgg,kernel_l1,lr_psnr, LPIPS when installed by `make metric-weights`, "
+                             "plus niqe/fid when their files are given)")
+    parser.add_argument("--luma", choices=LUMA, default="studio",
+                        help="Y of PSNR/SSIM/LR-PSNR: studio-swing 16–235 (the paper's method rows, BasicSR) or "
+                             "full-range 0.299R+0.587G+0.114B (the published Bicubic rows; 20·log10(255/219) = 1.32 dB "
+                             "lower PSNR)")
+    parser.add_argument("--lpips-backbone", default=None,
+                        help="local torchvision VGG16 (or AlexNet) weights file, instead of the installed weights")
+    parser.add_argument("--lpips-linear", default=None, help="local LPIPS v0.1 linear-layer file (vgg.pth / alex.pth)")
+    parser.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg",
+                        help="backbone of --metrics lpips and of the path options (paper: vgg)")
+    parser.add_argument("--niqe-params", default=None, help="NIQE pristine parameters (.npz)")
+    parser.add_argument("--fid-weights", default=None, help="pytorch-fid Inception weights (.pth); needs pytorch-fid")
+    if device:
+        parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def metric_suite_from(args: argparse.Namespace, device: Any) -> MetricSuite:
+    from .metrics import build_metric_suite
+
+    return build_metric_suite(args.metrics, lpips_backbone=args.lpips_backbone,
+                              lpips_linear=args.lpips_linear, lpips_net=args.lpips_net, luma=args.luma,
+                              niqe_params=args.niqe_params, fid_weights=args.fid_weights, device=device)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_results, group_summaries, markdown_table, row_columns, summarize_set, write_csv
+    from .fileio import check_name_part, write_json
+    from .hardware import distributed
+    from .testsets import load_benchmark
+
+    check_name_part(args.suffix, "suffix")
+    bench = load_benchmark(args.benchmark)
+    sr_dir = Path(args.sr)
+    with distributed(args.device) as runtime:
+        suite = metric_suite_from(args, runtime.device)
+        if args.metrics is None and not any(sr_dir.glob("*_kernel.npy")):
+            suite = suite.without_kernel_metrics()  # no estimated kernels there: no kernel metrics by default
+        rows, problems = evaluate_results(bench, sr_dir, suite, suffix=args.suffix, runtime=runtime)
+        if not runtime.main:
+            return 0  # rank 0 reports the problems and carries the exit status
+        label = sr_dir.name or str(sr_dir)
+        summary = summarize_set(rows, suite.names, suite, bench, [sr_dir / row["file"] for row in rows])
+        json_path = Path(args.json) if args.json else sr_dir / "metrics.json"
+        csv_path = Path(args.csv) if args.csv else sr_dir / "metrics.csv"
+        write_json(json_path, {"benchmark": str(bench.root), "sr": str(sr_dir), "suffix": args.suffix,
+                               "metrics": list(suite.names), "luma": suite.luma, "mean": summary,
+                               "groups": group_summaries(rows, suite.names), "cases": rows, "problems": problems})
+        write_csv(csv_path, rows, row_columns(rows, suite.names) + ["file"])
+        print(markdown_table({label: summary}, suite.names), end="")
+        if len({row["group"] for row in rows}) > 1:
+            print()
+            print(markdown_table(group_summaries(rows, suite.names), suite.names, first="kernel"), end="")
+        print(f"{len(rows)} of {len(bench.cases)} case(s) scored; per-image results: {json_path}, {csv_path}")
+        return report(problems, args)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 2,5,10") from None
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .evaluation import BenchmarkSettings, run_benchmark
+
+    options = sample_options_from(args)
+    baselines = () if args.baselines.strip() in ("", "none") else \
+        tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    settings = BenchmarkSettings(seed=args.seed, batch_size=args.batch_size, baselines=baselines, limit=args.limit,
+                                 trajectory_cases=args.trajectory_cases, trajectory_steps=args.trajectory_steps,
+                                 steps_sweep=args.steps_sweep, sweep_cases=args.sweep_cases,
+                                 report_cases=args.report_cases)
+    suite = metric_suite_from(args, "cpu")  # validated (and weights checked) before any upscaling
+    outcome = run_benchmark(args.benchmark, args.weights, args.out, options=options, settings=settings,
+                            suite=suite, device=args.device, precision=args.precision, config=args.config,
+                            allow_pickle=args.allow_pt, progress=not args.no_progress)
+    if outcome.results is None:
+        return 0  # not rank 0: rank 0 reports the problems and carries the exit status
+    return report(outcome.problems, args)
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Weights, device and reverse-process options shared by `upscale`, `deblur` and `benchmark`."""
+    from .hardware import PRECISIONS
     from .inference import DEFAULT_WEIGHTS, MODES, SampleOptions
+    from .sampling import GRADIENTS, GUIDANCE, SAMPLERS
 
     perceptual, fidelity = SampleOptions.for_mode("perceptual"), SampleOptions.for_mode("fidelity")
-    if weights_required:
-        parser.add_argument("--weights", required=True, help="a .safetensors file or a shipped model name")
-    else:
-        parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="a .safetensors file or a shipped model name")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                        help=f"a .safetensors file or a shipped model name (default {DEFAULT_WEIGHTS})")
     parser.add_argument("--config", default=None, help="config for weights without one (.pt files)")
     parser.add_argument("--allow-pt", action="store_true", help="read .pt/.pth weights (with weights_only=True)")
     parser.add_argument("--mode", choices=tuple(MODES), default="perceptual",
                         help=f"perceptual: guided reverse process ({perceptual.steps} steps, ζ {perceptual.zeta:g}); "
                              f"fidelity: x̂0 in {fidelity.steps} step(s), highest PSNR. The flags below override it")
     parser.add_argument("--steps", type=int, help="reverse-process steps")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"))
+    parser.add_argument("--sampler", choices=SAMPLERS)
     parser.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--zeta", type=float, help="step size ζ of the kernel-aware gradient (paper: 1 with --gradient xt)")
-    parser.add_argument("--guidance", choices=("kernel-aware", "bicubic", "none"),
+    parser.add_argument("--guidance", choices=GUIDANCE,
                         help="data term between steps (paper: kernel-aware)")
-    parser.add_argument("--gradient", choices=("xt", "x0"),
+    parser.add_argument("--gradient", choices=GRADIENTS,
                         help="back-propagate the data term through the network to x_t (paper) or take it at x̂0 "
                              "(the default: no backward pass through the network)")
     parser.add_argument("--x0-norm-weight", type=float, help="weight of the release's extra ‖x̂0‖ term (release: 0.1)")
@@ -142,12 +240,65 @@ def add_sampling_options(parser: argparse.ArgumentParser, weights_required: bool
     parser.add_argument("--tile-overlap", type=int, help=f"tile overlap in HR pixels (default {perceptual.tile_overlap})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size processed together")
 
 
-def add_upscale_command(commands: argparse._SubParsersAction, name: str, help: str, description: str) -> None:
-    parser = commands.add_parser(name, help=help, description=description)
+def add_degradation_options(parser: argparse.ArgumentParser) -> None:
+    from .degradation import DOWNSAMPLE_MODES
+
+    parser.add_argument("--scale", type=int, default=4, help="downscaling factor s ≥ 1 (1 = blur only)")
+    parser.add_argument("--downsample", choices=DOWNSAMPLE_MODES, default="bicubic",
+                        help="MATLAB bicubic resize (the benchmarks) or every s-th pixel (paper Eq. 1)")
+    parser.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma on the [0, 1] scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random kernels and noise")
+    parser.add_argument("--kernel-size", type=int, default=None,
+                        help="kernel size (default 21; 64 for motion blur)")
+
+
+def add_make_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hr", required=True, help="folder of HR images")
+    parser.add_argument("--protocol", default="gaussian8", help="gaussian8 | aniso | motion | iso:SIGMA")
+    parser.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    add_degradation_options(parser)
+    parser.set_defaults(run=cmd_make_benchmark)
+
+
+def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--kernel", required=True,
+                        help="iso:SIGMA, aniso:SX,SY,THETA, motion:INTENSITY, random-iso, random-aniso, "
+                             "random-motion, or a kernel file (.npy, .png, .mat)")
+    add_degradation_options(parser)
+    parser.set_defaults(run=cmd_degrade)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="preset name (e.g. small-x4, paper-iso-x4) or YAML file")
+    parser.add_argument("--out", required=True, help="run folder (config, log.jsonl, checkpoints/, weights)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-minutes", type=float, metavar="M",
+                        help=f"time box: checkpoint and stop after M minutes (exit {TIME_BOX_EXIT}); rerun with "
+                             "--resume to continue, e.g. in ≤ 9-minute GPU chunks")
+    parser.set_defaults(run=cmd_train)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from .checkpoint import EXPORT_DTYPES
+
+    parser.add_argument("weights", help="weights.safetensors or checkpoints/step_XXXXXXXX.index.json")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="fp32",
+                        help="precision of the stored tensors (fp16: half the size, for shipping)")
+    parser.set_defaults(run=cmd_export)
+
+
+def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
     add_sampling_options(parser)
@@ -158,78 +309,83 @@ def add_upscale_command(commands: argparse._SubParsersAction, name: str, help: s
     parser.set_defaults(run=cmd_upscale)
 
 
-def add_degradation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scale", type=int, default=4, help="downscaling factor s ≥ 1 (1 = blur only)")
-    parser.add_argument("--downsample", choices=("bicubic", "direct"), default="bicubic",
-                        help="MATLAB bicubic resize (the benchmarks) or every s-th pixel (paper Eq. 1)")
-    parser.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma on the [0, 1] scale")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random kernels and noise")
-    parser.add_argument("--kernel-size", type=int, default=None,
-                        help="kernel size (default 21; 64 for motion blur)")
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="preset name or YAML file")
+    parser.add_argument("--size", type=int, default=None, help="HR size H of the H×H forward (default: data.crop)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=cmd_info)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
+    parser.add_argument("--sr", required=True, help="folder of SR results <name><suffix>.png (+ <name>_kernel.npy)")
+    parser.add_argument("--suffix", default="", help="suffix of the SR stems, e.g. _x4")
+    parser.add_argument("--json", default=None, help="per-image results as JSON (default SR/metrics.json)")
+    parser.add_argument("--csv", default=None, help="per-image results as CSV (default SR/metrics.csv)")
+    add_metric_options(parser)
+    parser.set_defaults(run=cmd_evaluate)
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluation import ALL_BASELINES, BASELINES
+
+    parser.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
+    parser.add_argument("--out", required=True, help="run folder (re-running it resumes)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help=f"some of {','.join(ALL_BASELINES)}, or none (the peers need `make peers` and ×4)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only N cases, spread evenly over the set (a stated subset of a large set)")
+    parser.add_argument("--trajectory-cases", type=int, default=2, help="images traced along the reverse process")
+    parser.add_argument("--trajectory-steps", type=int, default=None, help="steps of those traces (default --steps)")
+    parser.add_argument("--steps-sweep", type=_int_list, default=(),
+                        help="step counts for quality vs steps, e.g. 2,5,10")
+    parser.add_argument("--sweep-cases", type=int, default=2, help="images of the steps sweep")
+    parser.add_argument("--report-cases", type=int, default=24, help="cases shown in report.html")
+    parser.add_argument("--no-progress", action="store_true")
+    add_sampling_options(parser)
+    add_metric_options(parser, device=False)
+    parser.set_defaults(run=cmd_benchmark)
+
+
+# name → (help, description, add its arguments); the arguments are added only for the command being run,
+# so `blinddiff --help` imports nothing heavy (torch included)
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "make-benchmark": ("build a synthetic test set (HR, LR, kernels, manifest)",
+                       "Build a synthetic test set from a folder of HR images (SPEC §2).",
+                       add_make_benchmark_arguments),
+    "degrade": ("blur, downsample and quantise single images",
+                "Degrade images with a given or random kernel; writes LR and kernel.", add_degrade_arguments),
+    "train": ("train MCFormer (single process or under torchrun)",
+              "Train MCFormer; the same command runs under torchrun for DDP.", add_train_arguments),
+    "export": ("EMA weights of a run or checkpoint as one file",
+               "Write the EMA weights of a weights file or a checkpoint's .index.json as one .safetensors file "
+               "with its config.", add_export_arguments),
+    "upscale": ("blind super-resolution of images (MAP reverse process)",
+                "Blind SR: estimates the kernel and the HR image together (SPEC §5).", add_upscale_arguments),
+    "deblur": ("blind deblurring with a scale-1 model",
+               "Blind deblurring: `upscale` with a scale-1 (paper-deblur) model.", add_upscale_arguments),
+    "info": ("parameters and GFLOPs of a config's network",
+             "Parameter counts (total and per part) and GFLOPs of one forward.", add_info_arguments),
+    "evaluate": ("score SR results of a test set (PSNR/SSIM/LPIPS/DISTS/NIQE/FID/kernels)",
+                 "Score a folder of SR results against a make-benchmark test set (SPEC §2 Metrics); works under "
+                 "torchrun.", add_evaluate_arguments),
+    "benchmark": ("upscale and evaluate a test set, with baselines and report.html",
+                  "Upscale every case of a test set, evaluate it and the baselines, and write "
+                  "results.json/.csv/.md and report.html; resumable; works under torchrun.",
+                  add_benchmark_arguments),
+}
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The `blinddiff` parser; only the named `commands` get their arguments (None: all of them)."""
     parser = argparse.ArgumentParser(prog="blinddiff", description="Blind super-resolution with diffusion (BlindDiff).")
     parser.add_argument("--version", action="version", version=f"blinddiff {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    bench = commands.add_parser("make-benchmark", help="build a synthetic test set (HR, LR, kernels, manifest)",
-                                description="Build a synthetic test set from a folder of HR images (SPEC §2).")
-    bench.add_argument("--hr", required=True, help="folder of HR images")
-    bench.add_argument("--protocol", default="gaussian8", help="gaussian8 | aniso | motion | iso:SIGMA")
-    bench.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
-    bench.add_argument("--force", action="store_true", help="write into a non-empty output folder")
-    add_degradation_options(bench)
-    bench.set_defaults(run=cmd_make_benchmark)
-
-    deg = commands.add_parser("degrade", help="blur, downsample and quantise single images",
-                              description="Degrade images with a given or random kernel; writes LR and kernel.")
-    deg.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    deg.add_argument("--out", required=True, help="output folder")
-    deg.add_argument("--kernel", required=True,
-                     help="iso:SIGMA, aniso:SX,SY,THETA, motion:INTENSITY, random-iso, random-aniso, "
-                          "random-motion, or a kernel file (.npy, .png, .mat)")
-    add_degradation_options(deg)
-    deg.set_defaults(run=cmd_degrade)
-
-    tr = commands.add_parser("train", help="train MCFormer (single process or under torchrun)",
-                             description="Train MCFormer; the same command runs under torchrun for DDP.")
-    tr.add_argument("--config", help="preset name (e.g. small-x4, paper-iso-x4) or YAML file")
-    tr.add_argument("--out", required=True, help="run folder (config, log.jsonl, checkpoints/, weights)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
-    tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.add_argument("--max-minutes", type=float, metavar="M",
-                    help=f"time box: checkpoint and stop after M minutes (exit {TIME_BOX_EXIT}); rerun with --resume "
-                         "to continue, e.g. in ≤ 9-minute GPU chunks")
-    tr.set_defaults(run=cmd_train)
-
-    export = commands.add_parser("export", help="EMA weights of a run or checkpoint as one file",
-                                 description="Write the EMA weights of a weights file or a checkpoint's "
-                                             ".index.json as one .safetensors file with its config.")
-    export.add_argument("weights", help="weights.safetensors or checkpoints/step_XXXXXXXX.index.json")
-    export.add_argument("--out", required=True, help="the .safetensors file to write")
-    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="precision of the stored tensors (fp16: half the size, for shipping)")
-    export.set_defaults(run=cmd_export)
-
-    add_upscale_command(commands, "upscale", "blind super-resolution of images (MAP reverse process)",
-                        "Blind SR: estimates the kernel and the HR image together (SPEC §5).")
-    add_upscale_command(commands, "deblur", "blind deblurring with a scale-1 model",
-                        "Blind deblurring: `upscale` with a scale-1 (paper-deblur) model.")
-
-    info = commands.add_parser("info", help="parameters and GFLOPs of a config's network",
-                               description="Parameter counts (total and per part) and GFLOPs of one forward.")
-    info.add_argument("--config", required=True, help="preset name or YAML file")
-    info.add_argument("--size", type=int, default=None, help="HR size H of the H×H forward (default: data.crop)")
-    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(run=cmd_info)
-
-    from .evaluation import add_evaluation_commands
-
-    add_evaluation_commands(commands)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, description, add_arguments) in COMMANDS.items():
+        command = subparsers.add_parser(name, help=help, description=description)
+        if commands is None or name in commands:
+            add_arguments(command)
     return parser
 
 
@@ -264,13 +420,14 @@ class PipeSafeStdout:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 some input or the run failed, 2 bad arguments or setup."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser([word for word in argv if word in COMMANDS][:1]).parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     stdout, sys.stdout = sys.stdout, PipeSafeStdout(sys.stdout)
     try:
         return run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        print(f"blinddiff {args.command}: error: {err}", file=sys.stderr)
+        print(f"blinddiff {args.command}: error: {with_flags(str(err), args)}", file=sys.stderr)
         return 2
     except (OSError, FloatingPointError) as err:  # disk full, no permission, a diverged training run …
         print(f"blinddiff {args.command}: error: {err}", file=sys.stderr)

@@ -40,6 +40,7 @@ __all__ = [
     "DOWNSAMPLE_MODES",
     "add_gaussian_noise",
     "blur",
+    "check_scale",
     "degrade",
     "downsample",
     "matlab_bicubic_resize",
@@ -74,7 +75,7 @@ def _check_images(images: Tensor, name: str = "images") -> None:
                          "convert with images.float() / 255")
 
 
-def _check_scale(scale: object) -> int:
+def check_scale(scale: object) -> int:
     """Return ``scale`` as an int ≥ 1 (integral floats such as 2.0 are accepted)."""
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         value = float(scale)
@@ -294,14 +295,14 @@ def matlab_bicubic_resize(images: Tensor, scale: float | None = None,
 
 def upsample_bicubic(images: Tensor, scale: int) -> Tensor:
     """MATLAB bicubic ×``scale`` enlargement (the network's conditioning input ↑y, SPEC §3)."""
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     if scale == 1:
         return images
     return matlab_bicubic_resize(images, scale=float(scale))
 
 
 def _downsample(images: Tensor, scale: int, mode: str) -> Tensor:
-    scale, mode = _check_scale(scale), _check_mode(mode)
+    scale, mode = check_scale(scale), _check_mode(mode)
     _check_images(images)
     if scale == 1:
         return images
@@ -376,7 +377,7 @@ def degrade(hr: Tensor, kernels: Tensor, scale: int, downsample: str = "bicubic"
     size ``ceil(H/s) × ceil(W/s)`` in both modes. ``noise_sigma`` and ``generator`` are passed
     to :func:`add_gaussian_noise`.
     """
-    scale, mode = _check_scale(scale), _check_mode(downsample)
+    scale, mode = check_scale(scale), _check_mode(downsample)
     if mode == "direct":
         lr = _blur(hr, kernels, "auto", stride=scale)
     else:

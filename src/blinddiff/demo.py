@@ -22,7 +22,8 @@ from .degradation import degrade, upsample_bicubic
 from .fileio import tensor_to_rgb, write_png
 from .inference import DEFAULT_WEIGHTS, MODES, BlindDiff, SampleOptions, kernel_picture
 from .kernels import isotropic_gaussian
-from .metrics import evaluate_pair, load_perceptual
+from .metrics import evaluate_pair
+from .perceptual import load_perceptual
 
 
 def panel(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:

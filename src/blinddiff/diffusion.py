@@ -32,6 +32,7 @@ __all__ = [
     "kernel_loss",
     "linear_betas",
     "normal_kl",
+    "per_image_noise",
     "space_timesteps",
 ]
 
@@ -202,6 +203,14 @@ def _float_at_least_32(*dtypes: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+    """N(0, I) [B, *shape]: image b drawn from generators[b] (float32 on the generator's device), then moved, so
+    a seed gives the same noise whatever the batch and the device."""
+    draws = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.stack([d.to(device) for d in draws]).to(dtype)
+
+
 # --------------------------------------------------------------------------- the chain
 
 
@@ -324,13 +333,16 @@ class GaussianDiffusion:
         """Validate t (int or integer [B] tensor indexing this chain) and return it as long on x's device."""
         batch = x.shape[0]
         if isinstance(t, int) and not isinstance(t, bool):
-            t = torch.full((batch,), t, dtype=torch.long, device=x.device)
+            if not 0 <= t < self.num_steps:
+                raise ValueError(f"t={t}: indices must lie in [0, {self.num_steps - 1}] (use chain indices, not "
+                                 "original steps)")
+            return torch.full((batch,), t, dtype=torch.long, device=x.device)
         if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"t={t!r}: expected an int or an integer tensor [B] of chain indices")
         if t.shape != (batch,):
             raise ValueError(f"t shape {tuple(t.shape)}: expected ({batch},), one step per batch item")
-        if batch:
-            lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device sync
+        if batch and t.device.type == "cpu":  # checked where it costs no device sync (sampling passes ints)
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()
             if lo < 0 or hi >= self.num_steps:
                 raise ValueError(
                     f"t in [{lo}, {hi}]: indices must lie in [0, {self.num_steps - 1}] "
@@ -460,6 +472,28 @@ class GaussianDiffusion:
             "pred_x0": pred_x0,
             "eps": eps,
         }
+
+    def step(self, p: dict[str, Tensor], x_t: Tensor, t: int, *, sampler: str = "ddpm", eta: float = 0.0,
+             noise: Callable[[], Tensor] | None = None) -> Tensor:
+        """x_{t−1} from x_t at chain index t given `p_mean_variance`'s output: the DDPM posterior sample with the
+        model's variance (`sampler="ddpm"`), or the DDIM update (Song et al. 2021, Eq. 12) with `eta` (0:
+        deterministic). `noise()` draws N(0, I) shaped like x_t, only when the update needs it (never at t = 0);
+        default `torch.randn_like`."""
+        draw = noise if noise is not None else (lambda: torch.randn_like(x_t))
+        if sampler == "ddpm":
+            if t == 0:
+                return p["mean"]
+            return p["mean"] + torch.exp(0.5 * p["log_variance"]) * draw()
+        if sampler != "ddim":
+            raise ValueError(f"sampler={sampler!r} is unknown; choose ddpm or ddim")
+        x0 = p["pred_x0"]
+        ac, ac_prev = float(self.alphas_cumprod[t]), float(self.alphas_cumprod_prev[t])
+        eps = self.predict_eps_from_x0(x_t, t, x0)  # consistent with the (possibly clipped) x̂0, as DDIM needs
+        sigma = eta * math.sqrt((1.0 - ac_prev) / (1.0 - ac)) * math.sqrt(1.0 - ac / ac_prev)
+        x_prev = math.sqrt(ac_prev) * x0 + math.sqrt(max(1.0 - ac_prev - sigma**2, 0.0)) * eps
+        if sigma > 0.0 and t > 0:
+            x_prev = x_prev + sigma * draw()
+        return x_prev
 
     # ----------------------------------------------------------------- training objective
 

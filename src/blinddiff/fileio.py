@@ -305,20 +305,20 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def check_output_folder(out: str | os.PathLike, option: str = "--out") -> None:
+def check_output_folder(out: str | os.PathLike, option: str = "out") -> None:
     """Refuse, before any work is done, an output folder that is a file or lies below one."""
     out = Path(out)
     for folder in (out, *out.parents):
         if folder.exists():
             if not folder.is_dir():
-                raise ValueError(f"{option} {out}: {folder} is a file, not a folder; choose another {option}")
+                raise ValueError(f"{option}={out}: {folder} is a file, not a folder; choose another folder")
             return
 
 
 def check_name_part(text: str, option: str) -> None:
-    """A piece of a file name given as an option (e.g. --suffix) must not lead out of the output folder."""
+    """A piece of a file name given as an option (e.g. suffix) must not lead out of the output folder."""
     if any(char in text for char in ("/", "\\", "\0")) or text in (".", ".."):
-        raise ValueError(f"{option} {text!r} is part of a file name and must not hold '/', '\\' or be '.'/'..'; "
+        raise ValueError(f"{option}={text!r} is part of a file name and must not hold '/', '\\' or be '.'/'..'; "
                          f"use e.g. _x4")
 
 
@@ -337,7 +337,7 @@ def _same_file_key(path: Path) -> str:
     return os.path.normcase(str(path.resolve()))
 
 
-def plan_outputs(outputs: dict[Path, list[Path]], option: str = "--out"
+def plan_outputs(outputs: dict[Path, list[Path]], option: str = "out"
                  ) -> tuple[dict[Path, list[Path]], list[str]]:
     """Check, before anything is written, the files each input would write (input → its outputs).
 
@@ -359,12 +359,12 @@ def plan_outputs(outputs: dict[Path, list[Path]], option: str = "--out"
             others = [other for other in writers[key] if other != source]
             if key in inputs:
                 problem = f"{source}: its output {target} would overwrite the input {inputs[key]}; " \
-                          f"use another {option} (or a --suffix)"
+                          f"use another {option} folder (or a suffix)"
             elif others:
                 problem = f"{source}: its output {target} would also be written for {', '.join(map(str, others))}; " \
                           f"rename one of them or process them separately"
             elif target.is_dir():
-                problem = f"{source}: its output {target} is a folder; remove it or use another {option}"
+                problem = f"{source}: its output {target} is a folder; remove it or use another {option} folder"
             if problem:
                 break
         if problem:

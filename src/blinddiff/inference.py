@@ -26,7 +26,7 @@ from .fileio import FLOAT_TOLERANCE
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
 from .model import MCFormer
-from .sampling import check_options, sample, sampling_chain
+from .sampling import check_options, data_term, known_kernel, sample, sampling_chain, tiled
 
 DEFAULT_WEIGHTS = "small-x4"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
@@ -279,7 +279,7 @@ def check_lr_size(height: int, width: int, scale: int, tile: int | None) -> None
                          f"the limit is {MAX_PIXELS / 1e6:.0f} MP")
     if tile is None and pixels > MAX_UNTILED_PIXELS:
         raise ValueError(f"the {width}x{height} image gives {pixels / 1e6:.1f} MP at ×{scale}, too large to process "
-                         f"in one piece; pass --tile 256 (or tile=256) to process it in tiles")
+                         f"in one piece; pass tile=256 to process it in tiles")
 
 
 class BlindDiff:
@@ -308,13 +308,16 @@ class BlindDiff:
         check_lr_size(lr.shape[-2], lr.shape[-1], self.scale, options.tile)
         chain = sampling_chain(self.cfg.diffusion, options.steps)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        lr = lr.to(self.device)
+        denoiser = self.model if kernel is None else known_kernel(self.model, kernel.to(self.device))
+        if options.tile is not None:
+            denoiser = tiled(denoiser, options.tile, options.tile_overlap, self.scale, self.model.cfg.size_multiple)
+        energy = data_term(options.guidance, lr, self.scale, self.cfg.data.downsample,
+                           x0_norm_weight=options.x0_norm_weight)
         with autocast(self.precision, self.device):
-            sr, estimated = sample(self.model, lr.to(self.device), chain, scale=self.scale, sampler=options.sampler,
-                                   eta=options.eta, zeta=options.zeta, guidance=options.guidance,
-                                   gradient=options.gradient, x0_norm_weight=options.x0_norm_weight,
-                                   kernel=None if kernel is None else kernel.to(self.device),
-                                   downsample=self.cfg.data.downsample, generators=generators, tile=options.tile,
-                                   tile_overlap=options.tile_overlap, callback=callback, progress=progress)
+            sr, estimated = sample(denoiser, lr, chain, scale=self.scale, data_term=energy, zeta=options.zeta,
+                                   gradient=options.gradient, sampler=options.sampler, eta=options.eta,
+                                   generators=generators, callback=callback, progress=progress)
         sr, estimated = sr.float().cpu(), estimated.float().cpu()
         if not (bool(torch.isfinite(sr).all()) and bool(torch.isfinite(estimated).all())):
             raise ValueError(f"the reverse process diverged (NaN or infinite values) with zeta={options.zeta:g}, "
@@ -324,9 +327,11 @@ class BlindDiff:
     def check_options(self, options: SampleOptions, seeds: list[int] = ()) -> None:
         """Check the sampling options (and seeds) once, before any image: errors name the option."""
         sampling_chain(self.cfg.diffusion, options.steps)
-        check_options(self.model, scale=self.scale, sampler=options.sampler, eta=options.eta, zeta=options.zeta,
-                      guidance=options.guidance, gradient=options.gradient, x0_norm_weight=options.x0_norm_weight,
-                      downsample=self.cfg.data.downsample, tile=options.tile, tile_overlap=options.tile_overlap)
+        check_options(sampler=options.sampler, eta=options.eta, zeta=options.zeta, gradient=options.gradient)
+        data_term(options.guidance, torch.zeros(1, 3, 1, 1), 1, self.cfg.data.downsample,
+                  x0_norm_weight=options.x0_norm_weight)
+        if options.tile is not None:
+            tiled(self.model, options.tile, options.tile_overlap, self.scale, self.model.cfg.size_multiple)
         for seed in seeds:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
                 raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**64)")
@@ -397,10 +402,10 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
     from . import fileio
 
     if ext not in ("auto", "png", "jpg"):
-        raise ValueError(f"--ext {ext!r} is unknown; use png, jpg or auto")
+        raise ValueError(f"ext={ext!r} is unknown; use png, jpg or auto")
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size} is invalid; use 1 or more")
-    fileio.check_name_part(suffix, "--suffix")
+        raise ValueError(f"batch_size={batch_size} is invalid; use 1 or more")
+    fileio.check_name_part(suffix, "suffix")
     model.check_options(options, [seed])
     out = Path(out)
     fileio.check_output_folder(out)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +21,11 @@ import torch
 
 from . import __version__
 from .data import derive_seed
-from .degradation import degrade
-from .fileio import ImageError, check_output_folder, expand_inputs, find_images, plan_outputs, read_rgb, \
-    rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
+from .degradation import DOWNSAMPLE_MODES, degrade
+from .fileio import ImageError, check_name_part, check_output_folder, expand_inputs, find_images, inside, \
+    plan_outputs, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
 from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, motion_blur, parse_kernel_spec, sample_anisotropic
 
-DOWNSAMPLE_MODES = ("bicubic", "direct")
 MOTION_KERNEL_SIZE = 64  # BlindDPS's motion kernels
 MAX_KERNEL_SIZE = 256  # far beyond any blur in the paper; bounds the memory a typo can ask for
 # One case of a protocol: (tag, parameters for the manifest, kernel [k, k]).
@@ -229,3 +230,82 @@ def degrade_files(inputs: list[str], out: str | Path, scale: int, kernel_spec: s
             continue
         log(f"{path} → {target} ({lr.shape[1]}x{lr.shape[0]})")
     return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a test set back (what `evaluate` and `benchmark` score against)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchmarkSet:
+    """A synthetic test set written by `build_testset`: its folder, its manifest and the per-case records."""
+
+    root: Path
+    manifest: dict
+    _hr: tuple[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def cases(self) -> list[dict]:
+        return self.manifest["cases"]
+
+    @property
+    def scale(self) -> int:
+        return int(self.manifest["scale"])
+
+    @property
+    def downsample(self) -> str:
+        return str(self.manifest.get("downsample", "bicubic"))
+
+    def hr(self, case: dict) -> np.ndarray:
+        """uint8 HR [H, W, 3] of a case (the last one is cached: the cases of one image are adjacent)."""
+        if self._hr is None or self._hr[0] != case["hr"]:
+            self._hr = (case["hr"], read_rgb(self.root / case["hr"]))
+        return self._hr[1]
+
+    def lr(self, case: dict) -> np.ndarray:
+        return read_rgb(self.root / case["lr"])
+
+    def gt_kernel(self, case: dict) -> np.ndarray:
+        return np.load(self.root / case["kernel"], allow_pickle=False)
+
+
+def load_benchmark(root: str | os.PathLike) -> BenchmarkSet:
+    """Read ``root/manifest.json``; errors name the file and how to make one."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; build the test set with `blinddiff make-benchmark --hr HR_DIR "
+                                f"--out {root}` (or pass the folder that holds manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rebuild it with blinddiff make-benchmark") from None
+    cases = manifest.get("cases") if isinstance(manifest, dict) else None
+    needed = ("name", "hr", "lr", "kernel")
+    if not isinstance(cases, list) or "scale" not in manifest or \
+            not all(isinstance(c, dict) and all(k in c for k in needed) for c in cases):
+        raise ValueError(f"{path} is not a blinddiff test-set manifest (needs 'scale' and 'cases' with "
+                         f"{', '.join(needed)}); rebuild it with blinddiff make-benchmark")
+    if not cases:
+        raise ValueError(f"{path} lists no cases; rebuild the test set from a folder of HR images")
+    scale = manifest["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"{path}: scale {scale!r} is not a positive integer; rebuild it with blinddiff make-benchmark")
+    for index, case in enumerate(cases):  # every path stays inside the test set, every name is a file name
+        try:
+            if not isinstance(case["name"], str) or not case["name"]:
+                raise ValueError(f"name {case['name']!r} is not a file name")
+            check_name_part(case["name"], "name")
+            for key in ("hr", "lr", "kernel"):
+                inside(root, case[key], key)
+        except ValueError as err:
+            raise ValueError(f"{path}: case {index + 1}: {err}; fix or rebuild the manifest") from None
+    return BenchmarkSet(root, manifest)
+
+
+def case_group(case: dict) -> str:
+    """The kernel a case belongs to, for per-kernel means (σ of Gaussian8, else the kernel type)."""
+    if "sigma" in case:
+        return f"sigma {float(case['sigma']):g}"
+    return str(case.get("kernel_type", "all"))

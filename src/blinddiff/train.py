@@ -12,7 +12,6 @@ import bisect
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -32,39 +31,9 @@ from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
 from .fileio import expand_path, remove_temporaries
-from .hardware import autocast, pick_device, resolve_precision
+from .hardware import autocast, resolve_precision, setup_runtime
 from .kernels import fit_kernel_pca
 from .model import MCFormer
-
-
-@dataclass
-class Runtime:
-    """Where this process stands in a (possibly distributed) run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_runtime(device: str = "auto") -> Runtime:
-    """Read the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group if needed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = pick_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        if chosen.type == "cuda":
-            torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(rank, world, local_rank, chosen)
 
 
 class StepBatches(Sampler):
