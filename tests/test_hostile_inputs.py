@@ -195,9 +195,9 @@ def test_shipped_model_and_config_names_win_over_local_files(tmp_path: Path, mon
     from blinddiff.inference import WEIGHTS_DIR, resolve_weights
 
     monkeypatch.chdir(tmp_path)
-    Path("small-x4").write_bytes(weights.read_bytes())
-    assert resolve_weights("small-x4").parent == WEIGHTS_DIR
-    assert resolve_weights("./small-x4").resolve() == (tmp_path / "small-x4").resolve()
+    Path("fast-x4").write_bytes(weights.read_bytes())
+    assert resolve_weights("fast-x4").parent == WEIGHTS_DIR
+    assert resolve_weights("./fast-x4").resolve() == (tmp_path / "fast-x4").resolve()
     Path("tiny").mkdir()
     assert load_config("tiny").model.width == 8
 

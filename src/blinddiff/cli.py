@@ -276,7 +276,7 @@ def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="preset name (e.g. small-x4, paper-iso-x4) or YAML file")
+    parser.add_argument("--config", help="preset name (e.g. fast-x4, paper-iso-x4) or YAML file")
     parser.add_argument("--out", required=True, help="run folder (config, log.jsonl, checkpoints/, weights)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")

@@ -1,7 +1,7 @@
 """Blind super-resolution and deblurring with trained weights (SPEC §5): the Python API.
 
     from blinddiff import BlindDiff
-    model = BlindDiff.from_pretrained("small-x4")          # shipped weights, or a .safetensors path
+    model = BlindDiff.from_pretrained("fast-x4")           # shipped weights, or a .safetensors path
     sr, kernel = model.upscale(image, seed=0)              # PIL image / numpy array / tensor in, same kind out
 
 `upscale` runs the MAP reverse process of `blinddiff.sampling.sample`: the network estimates the image and
@@ -28,7 +28,7 @@ from .kernels import validate_kernel
 from .model import MCFormer
 from .sampling import check_options, data_term, known_kernel, sample, sampling_chain, tiled
 
-DEFAULT_WEIGHTS = "small-x4"
+DEFAULT_WEIGHTS = "fast-x4"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
 MIN_LR_SIZE = 8  # LR pixels per side; smaller inputs carry too little to estimate a kernel from
 MAX_UNTILED_PIXELS = 1024 * 1024  # HR pixels processed in one piece before --tile is required
@@ -46,10 +46,10 @@ class SampleOptions:
     gradient="xt"` for the paper's setting.
     """
 
-    steps: int = 10
+    steps: int = 3
     sampler: str = "ddpm"
     eta: float = 0.0
-    zeta: float = 30.0
+    zeta: float = 10.0
     guidance: str = "kernel-aware"
     gradient: str = "x0"
     x0_norm_weight: float = 0.0
@@ -92,7 +92,7 @@ def resolve_weights(name_or_path: str | Path) -> Path:
     """The file of shipped weights (checked against its recorded sha256) or a weights file path.
 
     A shipped name always means the shipped weights, whatever lies in the working directory; a local
-    file of the same name is reached with a path (`./small-x4`).
+    file of the same name is reached with a path (`./fast-x4`).
     """
     shipped = shipped_weights()
     if isinstance(name_or_path, str) and name_or_path in shipped:
