@@ -20,8 +20,8 @@ from pathlib import Path
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.evaluation import markdown_table, summarize
 from blinddiff.fileio import (ImageError, expand_path, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json,
-                              write_npy, write_png)
-from blinddiff.inference import DEFAULT_WEIGHTS, BlindDiff, SampleOptions, kernel_picture
+                              write_png, write_result)
+from blinddiff.inference import DEFAULT_WEIGHTS, BlindDiff, SampleOptions
 from blinddiff.metrics import niqe
 
 REAL = "${BLINDDIFF_DATA:-../shared/data}/real/RealSRSet+5images"
@@ -65,9 +65,7 @@ def main() -> int:
             started = time.perf_counter()
             sr, kernel = model.run(lr_tensor, [args.seed], options)
             write_json(timing, {"seconds": time.perf_counter() - started})
-            write_npy(out / "ours" / f"{path.stem}_kernel.npy", kernel[0].numpy())
-            write_png(out / "ours" / f"{path.stem}_kernel.png", kernel_picture(kernel[0].numpy()))
-            write_png(targets["blinddiff"], tensor_to_rgb(sr[0]))
+            write_result(targets["blinddiff"], tensor_to_rgb(sr[0]), kernel[0].numpy())
         if not targets["bicubic"].is_file():
             write_png(targets["bicubic"], tensor_to_rgb(upsample_bicubic(lr_tensor, model.scale)))
         for method, target in targets.items():

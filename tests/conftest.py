@@ -37,6 +37,18 @@ def sample_rgb(height: int, width: int, which: str = "astronaut") -> np.ndarray:
     return np.ascontiguousarray(image[:height, :width, :3])
 
 
+def one_image_testset(tmp_path: Path, name: str, protocol: str, scale: int, kernel_size: int) -> Path:
+    """A synthetic test set `tmp_path/name` (`blinddiff.testsets.build_testset`) of one 32×32 picture, hr/a.png."""
+    from blinddiff.testsets import build_testset
+
+    hr = tmp_path / "hr"
+    if not hr.is_dir():
+        hr.mkdir()
+        Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
+    build_testset(hr, tmp_path / name, protocol, scale, kernel_size=kernel_size, log=lambda message: None)
+    return tmp_path / name
+
+
 def metric_weights_installed(*names: str) -> bool:
     """Whether `make metric-weights` installed these LPIPS/DISTS weight files ("vgg", "alex", "dists")."""
     from blinddiff.perceptual import installed_weights

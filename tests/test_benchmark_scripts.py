@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blinddiff.testsets import build_testset
-from conftest import sample_rgb
+from conftest import one_image_testset, sample_rgb
 from test_metrics import write_niqe_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,10 +30,7 @@ def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
 
 def test_sampler_sweep_runs_one_factor_at_a_time(weights: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    hr = tmp_path / "hr"
-    hr.mkdir()
-    Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
-    build_testset(hr, tmp_path / "set", "iso:2.0", 4, kernel_size=11, log=lambda message: None)
+    one_image_testset(tmp_path, "set", "iso:2.0", 4, kernel_size=11)
     args = ["--benchmark", str(tmp_path / "set"), "--out", str(tmp_path / "sweep"), "--weights", str(weights),
             "--steps", "1,2", "--zetas", "0,1", "--gradients", "x0", "--base-steps", "1", "--base-zeta", "1",
             "--base-gradient", "x0", "--device", "cpu"]

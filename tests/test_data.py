@@ -21,8 +21,8 @@ def test_patches_shape_range_and_determinism(hr_folder: Path) -> None:
     assert first.shape == (3, 32, 32) and first.dtype == torch.float32
     assert 0 <= first.min() and first.max() <= 1
     assert torch.equal(first, HRPatches(hr_folder, crop=32, seed=3)[0])  # same (seed, epoch, index)
-    patches.set_epoch(1)
-    assert not torch.equal(first, patches[0])  # a new epoch gives new crops
+    assert torch.equal(first, patches[0, 0])  # a plain index is epoch 0
+    assert not torch.equal(first, patches[1, 0])  # a new epoch gives new crops
     grey = patches[1]  # camera.png is single-channel: replicated to RGB
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
 

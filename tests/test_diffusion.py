@@ -115,11 +115,13 @@ def test_posterior_matches_bayes_rule(step):
     beta, alpha = betas[step], 1 - betas[step]
     precision = alpha / beta + 1 / (1 - a_bar_prev)
     var = 1 / precision
-    d = _chain(1000)
+    # through the reverse process: an x0-predicting chain with fixed variance, given the true x0, is q itself
+    d = _chain(1000, prediction="x0", learned_variance=False)
     x0 = _images((1, 3, 4, 4), dtype=torch.float64)
     x_t = torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
     mean_ref = var * (math.sqrt(alpha) / beta * x_t + math.sqrt(a_bar_prev) / (1 - a_bar_prev) * x0)
-    mean, variance, log_var = d.q_posterior_mean_variance(x0, x_t, torch.tensor([step]))
+    p = d.p_mean_variance(x0, x_t, torch.tensor([step]))
+    mean, variance, log_var = p["mean"], p["variance"], p["log_variance"]
     torch.testing.assert_close(mean, mean_ref, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(variance, torch.full_like(x0, var), rtol=1e-9, atol=0)
     torch.testing.assert_close(log_var, torch.full_like(x0, math.log(var)), rtol=1e-9, atol=0)

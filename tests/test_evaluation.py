@@ -23,7 +23,7 @@ from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
 from blinddiff.metrics import build_metric_suite, psnr, ssim
 from blinddiff.perceptual import LPIPS
 from blinddiff.testsets import build_testset
-from conftest import metric_weights_installed, sample_rgb
+from conftest import metric_weights_installed, one_image_testset, sample_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,10 +348,7 @@ def test_benchmark_argument_errors(bench: Path, weights: Path, tmp_path: Path) -
         run_cli(*base, "--baselines", "bicubc")
     with pytest.raises(ValueError, match="limit=0"):
         run_cli(*base, "--limit", "0")
-    hr = tmp_path / "hr"
-    hr.mkdir()
-    Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
-    build_testset(hr, tmp_path / "x2", "iso:1.5", 2, kernel_size=7, log=lambda message: None)
+    one_image_testset(tmp_path, "x2", "iso:1.5", 2, kernel_size=7)
     with pytest.raises(ValueError, match="×4 but the test set .* ×2"):
         run_cli("benchmark", "--benchmark", str(tmp_path / "x2"), "--weights", str(weights), "--out",
                 str(tmp_path / "r2"), "--device", "cpu")

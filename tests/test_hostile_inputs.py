@@ -313,17 +313,24 @@ def test_config_numbers_are_range_checked(override: str) -> None:
 # ---------------------------------------------------------------- 11: benchmark resume covers case content
 
 
-def test_benchmark_fingerprint_covers_case_content(hr_folder: Path, tmp_path: Path, weights: Path) -> None:
-    from blinddiff.evaluation import BenchmarkSettings, _fingerprint
-    from blinddiff.testsets import load_benchmark
+def test_benchmark_resume_refuses_a_test_set_rebuilt_with_other_content(hr_folder: Path, tmp_path: Path,
+                                                                         weights: Path) -> None:
+    from blinddiff.evaluation import BenchmarkSettings, run_benchmark
     from blinddiff.inference import SampleOptions
+    from blinddiff.metrics import build_metric_suite
 
     assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(tmp_path / "set"), "--protocol", "iso:1"]) == 0
-    first = _fingerprint(weights, load_benchmark(tmp_path / "set"), SampleOptions(), BenchmarkSettings(), "fp32")
-    lr = next((tmp_path / "set" / "LR").iterdir())
+    settings = BenchmarkSettings(baselines=(), limit=1, trajectory_cases=0, report_cases=0)
+
+    def run() -> None:
+        run_benchmark(tmp_path / "set", weights, tmp_path / "run", options=SampleOptions(steps=1), settings=settings,
+                      suite=build_metric_suite(["psnr"]), device="cpu", log=lambda message: None)
+
+    run()
+    lr = next((tmp_path / "set" / "LR").iterdir())  # same names and manifest, other pixels
     Image.fromarray(255 - np.asarray(Image.open(lr))).save(lr)
-    second = _fingerprint(weights, load_benchmark(tmp_path / "set"), SampleOptions(), BenchmarkSettings(), "fp32")
-    assert first != second
+    with pytest.raises(ValueError, match="cases_sha256"):
+        run()
 
 
 # ---------------------------------------------------------------- 12: kernel sizes

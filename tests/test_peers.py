@@ -17,7 +17,7 @@ from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
 from blinddiff.kernels import isotropic_gaussian
 from blinddiff.metrics import psnr
 from blinddiff.testsets import build_testset
-from conftest import sample_rgb
+from conftest import one_image_testset, sample_rgb
 
 
 def installed(*methods: str) -> bool:
@@ -119,11 +119,8 @@ def test_benchmark_fails_before_upscaling_when_peers_are_missing(weights: Path, 
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from blinddiff.cli import main
 
-    hr = tmp_path / "hr"
-    hr.mkdir()
-    Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
-    build_testset(hr, tmp_path / "x4", "iso:1.5", 4, kernel_size=7, log=lambda message: None)
-    build_testset(hr, tmp_path / "x2", "iso:1.5", 2, kernel_size=7, log=lambda message: None)
+    one_image_testset(tmp_path, "x4", "iso:1.5", 4, kernel_size=7)
+    one_image_testset(tmp_path, "x2", "iso:1.5", 2, kernel_size=7)
     monkeypatch.setenv(peers.PEERS_ENV, str(tmp_path / "nothing-here"))
     base = ["benchmark", "--weights", str(weights), "--device", "cpu", "--no-progress"]
     assert main([*base, "--benchmark", str(tmp_path / "x4"), "--out", str(tmp_path / "r4"),

@@ -19,7 +19,6 @@ from blinddiff.sampling import (
     GUIDANCE,
     SAMPLERS,
     StepInfo,
-    _tile_grid,
     data_term,
     kernel_aware_energy,
     known_kernel,
@@ -334,18 +333,33 @@ def test_no_graph_survives_a_step_and_no_parameter_gradients(truth):
 # --------------------------------------------------------------------------- tiles
 
 
+def _window_denoiser(windows: list, pick=None):
+    """A denoiser over a coordinate image (channel 0: row, 1: column) that records each tile's window and
+    returns its input (or, for `pick`, ones on that window only): what `tiled` blends shows its weights."""
+
+    def run(x_t, t, lr):
+        top, left = int(x_t[0, 0, 0, 0]), int(x_t[0, 1, 0, 0])
+        windows.append((top, left, x_t.shape[-2], x_t.shape[-1], lr.shape[-2], lr.shape[-1]))
+        out = x_t.clone() if pick is None else torch.full_like(x_t, float((top, left) == pick))
+        return out, torch.ones(x_t.shape[0], 3, 3) / 9
+
+    return run
+
+
 def test_tile_weights_are_a_partition_of_unity_on_the_scale_grid():
-    tiles = _tile_grid(40, 56, 16, 6)
-    total = torch.zeros(40, 56, dtype=torch.float64)
-    for tile in tiles:
-        assert tile.top % 2 == 0 and tile.left % 2 == 0 and tile.height == tile.width == 16
-        ys, xs = tile.hr()
-        total[ys, xs] += tile.weight[0, 0]
-        assert float(tile.weight.min()) > 0
-    torch.testing.assert_close(total, torch.ones_like(total))
-    # border tiles are not ramped at the border; an inner overlap is ramped
-    assert float(tiles[0].weight[0, 0, 0, 0]) == pytest.approx(1.0)
-    assert float(tiles[0].weight[0, 0, 0, -1]) < 0.1
+    rows, cols = torch.meshgrid(torch.arange(40.0), torch.arange(56.0), indexing="ij")
+    coords = torch.stack([rows, cols, torch.zeros_like(rows)])[None].double()  # [1, 3, 40, 56]
+    lr, t = torch.zeros(1, 3, 20, 28), torch.zeros(1, dtype=torch.long)
+    windows: list = []
+    blended, _ = tiled(_window_denoiser(windows), 16, 6, 2)(coords, t, lr)
+    assert len(windows) > 1
+    for top, left, height, width, lr_height, lr_width in windows:
+        assert top % 2 == 0 and left % 2 == 0 and height == width == 16 and lr_height == lr_width == 8
+    torch.testing.assert_close(blended, coords)  # the weights sum to 1 at every pixel
+    # the first tile is not ramped at the image border; its inner overlap is
+    first, _ = tiled(_window_denoiser([], pick=(0, 0)), 16, 6, 2)(coords, t, lr)
+    assert float(first[0, 0, 0, 0]) == pytest.approx(1.0)
+    assert float(first[0, 0, 0, 15]) < 0.1 and float(first[0, 0, 0, 15]) > 0
 
 
 def test_single_tile_is_exactly_the_untiled_path(truth):
@@ -393,7 +407,9 @@ def test_tiles_share_the_mean_kernel(gradient):
     model = PriorDenoiser(_upsampled(), _content_kernel)
     _, k = run_sample(model, lr, sampling_chain(DiffusionConfig(), 2), scale=SCALE, gradient=gradient,
                   tile=16, tile_overlap=4)
-    n = len(_tile_grid(32, 32, 16, 4))
+    windows: list = []
+    tiled(_window_denoiser(windows), 16, 4, SCALE)(torch.zeros(1, 3, 32, 32), torch.zeros(1), torch.zeros(1, 3, 16, 16))
+    n = len(windows)  # tiles per call
     last = torch.stack(model.kernels[-n:])  # [tiles, B, k, k] of the last step
     assert (last[0] - last[-1]).abs().max() > 1e-3  # the tiles really disagree
     torch.testing.assert_close(k, last.mean(0), atol=1e-6, rtol=0)
@@ -415,15 +431,23 @@ def test_tiled_two_pass_gradient_equals_autograd_through_all_tiles():
         energy = energy_fn(chain.p_mean_variance(out, x_leaf, index, clip_x0=True)["pred_x0"], k)
         return energy.detach(), k.detach(), torch.autograd.grad(energy.sum(), x_leaf)[0]
 
+    # each tile's window and blend weight, read off `tiled` itself (see _window_denoiser)
+    rows, cols = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    coords = torch.stack([rows, cols, torch.zeros_like(rows)])[None]
+    windows: list = []
+    tiled(_window_denoiser(windows), 16, 6, SCALE)(coords, t[:1], lr[:1])
+    weights = [tiled(_window_denoiser([], pick=w[:2]), 16, 6, SCALE)(coords, t[:1], lr[:1])[0][:, :1]
+               for w in windows]
+
     def all_tiles_at_once(x):  # one graph through every tile (memory grows with the image)
-        tiles = _tile_grid(48, 48, 16, 6)
         out, kernel = 0, 0
-        for tile in tiles:
-            (ys, xs), (ly, lx) = tile.hr(), tile.lr(SCALE)
-            part, k = model(x[:, :, ys, xs], t, lr[:, :, ly, lx])
-            pad = (tile.left, 48 - tile.left - tile.width, tile.top, 48 - tile.top - tile.height)
-            out, kernel = out + F.pad(tile.weight.float() * part, pad), kernel + k
-        return out, kernel / len(tiles)
+        for (top, left, height, width, _, _), weight in zip(windows, weights):
+            ys, xs = slice(top, top + height), slice(left, left + width)
+            part, k = model(x[:, :, ys, xs], t, lr[:, :, top // SCALE:(top + height) // SCALE,
+                                                   left // SCALE:(left + width) // SCALE])
+            pad = (left, 48 - left - width, top, 48 - top - height)
+            out, kernel = out + weight * F.pad(part, pad), kernel + k
+        return out, kernel / len(windows)
 
     energy, kernel, grad = energy_and_grad(lambda x: tiled(model, 16, 6, SCALE)(x, t, lr))
     reference, k, expected = energy_and_grad(all_tiles_at_once)

@@ -77,7 +77,7 @@ class HRPatches(Dataset):
 
     def __init__(self, root: str | Path, crop: int = 128, *, augment: bool = True, skip_bad: bool = False,
                  cache: bool = False, seed: int = 0) -> None:
-        self.crop, self.augment, self.seed, self.epoch = crop, augment, seed, 0
+        self.crop, self.augment, self.seed = crop, augment, seed
         self.files: list[Path] = []
         problems: list[str] = []
         for path in find_images(root):
@@ -101,10 +101,6 @@ class HRPatches(Dataset):
             raise ImageError(f"no usable training image under {root}")
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Crops depend on (seed, epoch, index): call once per epoch for fresh crops."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.files)
 
@@ -116,8 +112,11 @@ class HRPatches(Dataset):
         return self._cache[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        """Patch of image `index` for `dataset[index]` (current epoch) or `dataset[epoch, index]`."""
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        """Patch of image `index` in `epoch` for `dataset[epoch, index]` (`dataset[index]`: epoch 0).
+
+        Crops depend on (seed, epoch, index) only: the trainer's sampler hands out (epoch, index) keys.
+        """
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng(derive_seed(self.seed, epoch, index))
         image = self._image(index)
         top = int(rng.integers(0, image.shape[0] - self.crop + 1))

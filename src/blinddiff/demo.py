@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .degradation import degrade, upsample_bicubic
-from .fileio import tensor_to_rgb, write_png
-from .inference import DEFAULT_WEIGHTS, MODES, BlindDiff, SampleOptions, kernel_picture
+from .fileio import kernel_picture, tensor_to_rgb, write_png
+from .inference import DEFAULT_WEIGHTS, MODES, BlindDiff, SampleOptions
 from .kernels import isotropic_gaussian
 from .metrics import evaluate_pair
 from .perceptual import load_perceptual

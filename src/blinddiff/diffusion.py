@@ -400,18 +400,6 @@ class GaussianDiffusion:
         dt = _float_at_least_32(x_t.dtype, x0.dtype)
         return self._eps_from_x0(x_t.to(dt), t, x0.to(dt)).to(torch.promote_types(x_t.dtype, x0.dtype))
 
-    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance β̃_t and clipped log β̃_t of q(x_{t−1} | x_t, x0) (DDPM Eq. 6-7), x-shaped."""
-        if x0.shape != x_t.shape:
-            raise ValueError(f"x0 shape {tuple(x0.shape)} != x_t shape {tuple(x_t.shape)}")
-        t = self._steps(t, x_t)
-        out_dtype = torch.promote_types(x0.dtype, x_t.dtype)
-        dt = _float_at_least_32(out_dtype)
-        mean = self._posterior_mean(x0.to(dt), x_t.to(dt), t)
-        var = self._at("posterior_variance", t, x_t, dt).expand(x_t.shape)
-        log_var = self._at("posterior_log_variance_clipped", t, x_t, dt).expand(x_t.shape)
-        return mean.to(out_dtype), var.to(out_dtype), log_var.to(out_dtype)
-
     # validated-t, same-dtype kernels shared by the public methods (no re-validation, no casts)
     def _x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         return self._at("sqrt_recip_alphas_cumprod", t, x_t, x_t.dtype) * x_t - self._at(

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, read_rgb, tensor_to_rgb, write_json, \
-    write_npy, write_png
+from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, kernel_picture, read_rgb, tensor_to_rgb, \
+    write_json, write_png, write_result
 from .hardware import Runtime, distributed, gather, shard
 from .metrics import ALL_METRICS, KERNEL_METRICS, LUMA_METRICS, MetricSuite, build_metric_suite, kernel_l1, psnr, \
     set_fid
@@ -363,15 +363,6 @@ def _lr_batch(bench: BenchmarkSet, cases: Sequence[dict]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(bench.lr(c)).permute(2, 0, 1) for c in cases]).float() / 255.0
 
 
-def _batches(bench: BenchmarkSet, cases: Sequence[dict], batch_size: int) -> list[list[dict]]:
-    """Cases grouped by LR size and kernel size (one tensor per batch), ``batch_size`` at a time."""
-    groups: dict[tuple, list[dict]] = {}
-    for case in cases:
-        key = (image_size(bench.root / case["lr"]), bench.gt_kernel(case).shape)
-        groups.setdefault(key, []).append(case)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-
-
 Producer = Callable[[torch.Tensor, list[dict]], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
@@ -386,7 +377,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
     """
     from tqdm import tqdm
 
-    from .inference import kernel_picture
+    from .inference import size_batches
 
     folder = out / method
     names = suite.image_metrics
@@ -420,7 +411,10 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
                      **({"seconds": record["seconds"]} if "seconds" in record else {})})
         resumed += 1
     bar = tqdm(total=len(pending), desc=method, unit="img", disable=not progress or not pending)
-    for batch in _batches(bench, pending, batch_size):
+    def size(case: dict) -> tuple:  # LR size and kernel size: one tensor per batch
+        return image_size(bench.root / case["lr"]), bench.gt_kernel(case).shape
+
+    for batch in size_batches(pending, size, batch_size):
         started = time.perf_counter()
         try:
             sr, kernels = produce(_lr_batch(bench, batch), batch)
@@ -431,14 +425,8 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
         for index, case in enumerate(batch):
             name = case["name"]
             pixels = tensor_to_rgb(sr[index])
-            write_png(folder / f"{name}.png", pixels)
-            files = [f"{name}.png"]
-            kernel = None
-            if kernels is not None:
-                kernel = kernels[index].numpy()
-                write_npy(folder / f"{name}_kernel.npy", kernel)
-                write_png(folder / f"{name}_kernel.png", kernel_picture(kernel))
-                files += [f"{name}_kernel.npy", f"{name}_kernel.png"]
+            kernel = None if kernels is None else kernels[index].numpy()
+            files = [path.name for path in write_result(folder / f"{name}.png", pixels, kernel)]
             try:
                 metrics = suite.score(pixels, bench.hr(case), scale=bench.scale, downsample=bench.downsample,
                                       kernel=kernel, gt_kernel=bench.gt_kernel(case) if kernel is not None else None)
@@ -737,7 +725,6 @@ def _report_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequen
                      settings: BenchmarkSettings) -> list[tuple[str, str]]:
     """Crops (LR nearest-enlarged | bicubic | methods | HR) and kernel pictures → [(label, relative path)]."""
     from .degradation import upsample_bicubic
-    from .inference import kernel_picture
 
     name, scale = case["name"], bench.scale
     hr = bench.hr(case)

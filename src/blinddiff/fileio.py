@@ -1,4 +1,9 @@
-"""Files in and out: finding and reading images, and atomic writes.
+"""Images and files in and out: finding, reading and writing images (in kind), and atomic writes.
+
+An input image — a file, a PIL image, a numpy array or a tensor — is turned into float RGB in [0, 1] plus
+an alpha channel, and its `ImageKind` remembers how it came (grey or colour, alpha, pixel type, layout,
+metadata), so a result goes back out the same way: `load_image`/`save_image` for files,
+`to_tensor`/`from_tensor` for the Python API; both share one decoder.
 
 Every file blinddiff writes (images, kernels, manifests, checkpoints) goes through `atomic_write`, so an
 interrupted run never leaves a half-written output behind: data go to a temporary file in the same folder,
@@ -12,7 +17,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -128,20 +133,46 @@ def check_decodes(path: str | os.PathLike) -> None:
             from None
 
 
+@dataclass(frozen=True)
+class ImageKind:
+    """How an input image came, so that its result goes back the same way (files and the Python API alike)."""
+
+    source: str  # "file", "pil", "numpy" or "tensor"
+    channels: int  # 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA
+    dtype: Any  # the pixels' numpy (or torch) type: uint8, uint16 or a float type (float: values in [0, 1])
+    ndim: int = 3  # numpy [H, W] (2) or [H, W, C] (3); tensor [C, H, W] (3) or [B, C, H, W] (4)
+    exif: bytes | None = None  # a file's EXIF, orientation applied (so reset) and its pixel size dropped
+    icc_profile: bytes | None = None
+
+    @property
+    def grey(self) -> bool:
+        return self.channels in (1, 2)
+
+    @property
+    def bit_depth(self) -> int:
+        """8 for uint8 pixels, else 16 (how a file result is written: 16-bit PNG)."""
+        return 8 if self.dtype in (np.uint8, torch.uint8) else 16
+
+
 @dataclass
 class LoadedImage:
-    """A decoded image with what is needed to write the result back in kind (grey, alpha, bit depth)."""
+    """A decoded image file with its kind (what is needed to write the result back in kind)."""
 
     rgb: np.ndarray  # float32 [H, W, 3] in [0, 1] (grey replicated)
     alpha: np.ndarray | None  # float32 [H, W] in [0, 1], or None
-    grey: bool
-    bit_depth: int  # 8 or 16
-    exif: bytes | None = None  # the source's EXIF, orientation applied (so reset) and its pixel size dropped
-    icc_profile: bytes | None = None
+    kind: ImageKind
 
     @property
     def size(self) -> tuple[int, int]:
         return self.rgb.shape[0], self.rgb.shape[1]
+
+    @property
+    def grey(self) -> bool:
+        return self.kind.grey
+
+    @property
+    def bit_depth(self) -> int:
+        return self.kind.bit_depth
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -152,18 +183,107 @@ def _png_bit_depth(path: Path) -> int:
     return 8
 
 
-def _load_png16(path: Path) -> LoadedImage:
-    import png  # pypng: Pillow decodes 16-bit RGB PNGs to 8 bits
+def _load_png16(path: Path) -> np.ndarray:
+    """A 16-bit PNG's pixels, uint16 [H, W, planes] (pypng: Pillow decodes 16-bit RGB PNGs to 8 bits)."""
+    import png
 
     width, height, rows, info = png.Reader(filename=str(path)).asDirect()
-    planes = info["planes"]
-    array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
-    array = array.astype(np.float32) / 65535.0
-    alpha = array[..., -1] if info["alpha"] else None
-    colour = array[..., : planes - (1 if info["alpha"] else 0)]
-    grey = colour.shape[-1] == 1
-    rgb = np.repeat(colour, 3, axis=2) if grey else colour
-    return LoadedImage(np.ascontiguousarray(rgb), alpha, grey, 16)
+    return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, info["planes"])
+
+
+def _pil_pixels(image: Image.Image) -> np.ndarray:
+    """A PIL image's pixels in their own type: uint16 (16/32-bit grey), float32 (mode F), else uint8 grey,
+    grey + alpha, RGB or RGBA (palettes expanded; a transparent colour becomes an alpha channel)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(image).clip(0, 65535).astype(np.uint16)
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)
+    grey, alpha = image.mode in ("L", "LA", "1"), image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info
+    return np.asarray(image.convert(("L" if grey else "RGB") + ("A" if alpha else "")))
+
+
+def _check_unit_range(values: torch.Tensor | np.ndarray, what: str) -> None:
+    """Float pixels must be in [0, 1]: a 0–255 float image would otherwise be clamped to white."""
+    low, high = float(values.min()), float(values.max())
+    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+        raise ValueError(f"float {what} must hold values in [0, 1], got [{low:.4g}, {high:.4g}]; divide 0–255 "
+                         f"images by 255 (or pass them as uint8)")
+
+
+def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, ImageKind]:
+    """PIL image / numpy array / tensor → (rgb [B, 3, h, w] float in [0, 1], alpha [B, 1, h, w] or None, its kind).
+
+    Integer pixels are scaled by their type's range (uint8 /255, uint16 /65535); float pixels must be in [0, 1].
+    `from_tensor` gives a result back in the same kind.
+    """
+    source = "pil" if isinstance(image, Image.Image) else "numpy"
+    if isinstance(image, Image.Image):
+        image = _pil_pixels(image)
+    if isinstance(image, np.ndarray):
+        dtype, ndim = image.dtype, image.ndim
+        if image.dtype == np.uint8:
+            array = image.astype(np.float32) / 255.0
+        elif image.dtype == np.uint16:
+            array = image.astype(np.float32) / 65535.0
+        elif np.issubdtype(image.dtype, np.floating):
+            array = image.astype(np.float32)
+        else:
+            raise ValueError(f"numpy images must be uint8, uint16 or float in [0, 1], got {image.dtype}")
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+            raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in 1–4, got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+    elif isinstance(image, torch.Tensor):
+        source, dtype, ndim = "tensor", image.dtype, image.dim()
+        if image.dim() == 3:
+            image = image[None]
+        if image.dim() != 4 or image.shape[1] not in (1, 2, 3, 4):
+            raise ValueError(f"tensor images must be [C, H, W] or [B, C, H, W] with C in 1–4, got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        elif image.is_floating_point():
+            image = image.float()
+        else:
+            raise ValueError(f"tensor images must be uint8 or float in [0, 1], got {image.dtype}")
+    else:
+        raise ValueError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
+    channels = image.shape[1]
+    if not torch.isfinite(image).all():
+        raise ValueError("input contains NaN or infinite values")
+    _check_unit_range(image, "images")
+    image = image.clamp(0, 1)
+    alpha = image[:, channels - 1:] if channels in (2, 4) else None
+    colour = image[:, : 3 if channels >= 3 else 1]
+    rgb = colour.expand(-1, 3, -1, -1) if colour.shape[1] == 1 else colour
+    return rgb.contiguous(), alpha, ImageKind(source, channels, dtype, ndim)
+
+
+def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: ImageKind) -> Any:
+    """Undo `to_tensor`: rgb [B, 3, H, W] (+ alpha [B, 1, H, W]) in the kind, channel layout and type of the input.
+
+    A "file" kind gives numpy pixels [H, W, C] in its type (what `save_image` writes).
+    """
+    colour = rgb.mean(1, keepdim=True) if kind.grey else rgb
+    image = torch.cat([colour, alpha], 1) if alpha is not None else colour
+    image = image.clamp(0, 1)
+    if kind.source == "tensor":
+        out = image.to(kind.dtype) if kind.dtype.is_floating_point else image.mul(255).round().to(torch.uint8)
+        return out if kind.ndim == 4 else out[0]
+    array = image[0].permute(1, 2, 0).cpu().numpy()
+    if kind.dtype == np.uint8:
+        array = np.round(array * 255).astype(np.uint8)
+    elif kind.dtype == np.uint16:
+        array = np.round(array * 65535).astype(np.uint16)
+    else:
+        array = array.astype(kind.dtype)
+    if kind.source in ("numpy", "file"):
+        return array[..., 0] if kind.ndim == 2 else array
+    if kind.dtype == np.uint16:
+        return Image.fromarray(array[..., 0])
+    if kind.dtype == np.float32:
+        return Image.fromarray(np.ascontiguousarray(array[..., 0]), "F")
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
@@ -173,29 +293,26 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise FileNotFoundError(f"image {path} does not exist")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes); remove or replace it")
+    exif = icc = None
     try:
         if path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
-            return _load_png16(path)
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)  # a portrait phone photo is stored sideways
-            exif, icc = kept_metadata(opened), opened.info.get("icc_profile")  # after: this drops the orientation
-            if image.mode == "F":
-                return _float_image(path, np.asarray(image, dtype=np.float32), exif, icc)
-            if image.mode == "P":
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey16 = np.asarray(image, dtype=np.float32) / 65535.0
-                return LoadedImage(np.repeat(grey16.clip(0, 1)[..., None], 3, axis=2), None, True, 16, exif, icc)
-            grey = image.mode in ("L", "LA", "1")
-            alpha = np.asarray(image.getchannel("A"), np.float32) / 255.0 if image.mode in ("LA", "RGBA") else None
-            rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except ImageError:
-        raise
+            pixels = _load_png16(path)
+        else:
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)  # a portrait phone photo is stored sideways
+                exif, icc = kept_metadata(opened), opened.info.get("icc_profile")  # after: this drops the orientation
+                pixels = _pil_pixels(image)
     except Exception as err:  # Pillow and pypng raise many kinds of errors for corrupt files
         raise ImageError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
             from None
-    return LoadedImage(rgb, alpha, grey, 8, exif, icc)
+    if pixels.dtype == np.float32:
+        _check_float_file(path, pixels)
+    rgb, alpha, kind = to_tensor(pixels)
+    kind = replace(kind, source="file", ndim=3, dtype=np.dtype(np.uint8 if kind.bit_depth == 8 else np.uint16),
+                   exif=exif, icc_profile=icc)
+    return LoadedImage(rgb[0].permute(1, 2, 0).contiguous().numpy(), None if alpha is None else alpha[0, 0].numpy(),
+                       kind)
 
 
 def kept_metadata(image: Image.Image) -> bytes | None:
@@ -210,13 +327,12 @@ def kept_metadata(image: Image.Image) -> bytes | None:
     return exif.tobytes()
 
 
-def _float_image(path: Path, grey: np.ndarray, exif: bytes | None, icc: bytes | None) -> LoadedImage:
-    """A 32-bit float image (Pillow mode F, e.g. float TIFF): accepted with values in [0, 1], else refused."""
+def _check_float_file(path: Path, grey: np.ndarray) -> None:
+    """A 32-bit float image (Pillow mode F, e.g. float TIFF) is accepted with values in [0, 1], else refused."""
     low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
     if not (np.isfinite(grey).all() and low >= -FLOAT_TOLERANCE and high <= 1 + FLOAT_TOLERANCE):
         raise ImageError(f"{path}: a floating-point image with values in [{low:.4g}, {high:.4g}]; blinddiff reads "
                          f"float images in [0, 1]; rescale it (or save it as 8/16-bit PNG)")
-    return LoadedImage(np.repeat(grey.clip(0, 1)[..., None], 3, axis=2), None, True, 16, exif, icc)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -227,31 +343,30 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = 95) -> None:
     """Write an image in kind (grey/RGB, alpha, 8/16 bits; JPEG drops alpha and 16 bits), atomically."""
     path = Path(path)
-    rgb = np.clip(image.rgb, 0.0, 1.0)
-    colour = rgb.mean(axis=2, keepdims=True) if image.grey else rgb
-    channels = [colour] + ([np.clip(image.alpha, 0, 1)[..., None]] if image.alpha is not None else [])
-    array = np.concatenate(channels, axis=2)
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    if image.bit_depth == 16 and path.suffix.lower() == ".png":
+    sixteen = image.kind.bit_depth == 16 and path.suffix.lower() == ".png"
+    kind = replace(image.kind, ndim=3, dtype=np.dtype(np.uint16 if sixteen else np.uint8))
+    rgb = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)[None]
+    alpha = None if image.alpha is None else torch.from_numpy(np.ascontiguousarray(image.alpha))[None, None]
+    pixels = from_tensor(rgb, alpha, kind)  # [H, W, C] uint8 or uint16
+    if sixteen:
         import png
 
-        planes = array.shape[2]
-        data = np.round(array * 65535.0).astype(np.uint16).reshape(array.shape[0], -1)
-        writer = png.Writer(array.shape[1], array.shape[0], greyscale=planes <= 2, alpha=planes in (2, 4),
+        planes = pixels.shape[2]
+        writer = png.Writer(pixels.shape[1], pixels.shape[0], greyscale=planes <= 2, alpha=planes in (2, 4),
                             bitdepth=16)
         with atomic_write(path) as handle:
-            writer.write(handle, data)
+            writer.write(handle, pixels.reshape(pixels.shape[0], -1))
         return
     if jpeg:
-        array = array[..., : colour.shape[2]]
-    pixels = np.round(array * 255.0).astype(np.uint8)
+        pixels = pixels[..., : 1 if kind.grey else 3]
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
-    picture = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+    picture = Image.fromarray(pixels[..., 0] if mode == "L" else np.ascontiguousarray(pixels), mode)
     options: dict[str, Any] = {"quality": quality} if jpeg else {}
-    if image.exif:
-        options["exif"] = image.exif
-    if image.icc_profile:
-        options["icc_profile"] = image.icc_profile
+    if image.kind.exif:
+        options["exif"] = image.kind.exif
+    if image.kind.icc_profile:
+        options["icc_profile"] = image.kind.icc_profile
     with atomic_write(path) as handle:
         picture.save(handle, format=PIL_FORMATS.get(path.suffix.lower(), "PNG"), **options)
 
@@ -263,6 +378,32 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     image = Image.fromarray(array)
     with atomic_write(path) as handle:
         image.save(handle, format="PNG")
+
+
+def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
+    """A kernel [k, k] as a uint8 picture, scaled to its peak and magnified with nearest-neighbour blocks."""
+    peak = float(kernel.max()) or 1.0
+    pixels = np.round(np.clip(kernel / peak, 0, 1) * 255).astype(np.uint8)
+    return np.kron(pixels, np.ones((magnify, magnify), np.uint8))
+
+
+def write_result(target: Path, image: LoadedImage | np.ndarray, kernel: np.ndarray | None = None, *,
+                 stem: str | None = None) -> list[Path]:
+    """Write a result and, when given, its estimated kernel as `<stem>_kernel.npy` (the values) and
+    `<stem>_kernel.png` (a picture) next to it (`stem`: the target's) → the files written. `image`: a
+    `LoadedImage` written in kind, or uint8 pixels [H, W, 3] written as they are. The image comes last, so
+    its presence means the set is complete."""
+    kernel_files = []
+    if kernel is not None:
+        stem = stem or target.stem
+        kernel_files = [target.parent / f"{stem}_kernel.npy", target.parent / f"{stem}_kernel.png"]
+        write_npy(kernel_files[0], kernel)
+        write_png(kernel_files[1], kernel_picture(kernel))
+    if isinstance(image, LoadedImage):
+        save_image(target, image)
+    else:
+        write_png(target, image)
+    return [target, *kernel_files]
 
 
 def rgb_to_tensor(array: np.ndarray) -> torch.Tensor:

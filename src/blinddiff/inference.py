@@ -22,7 +22,7 @@ import torch
 from .checkpoint import load_torch, load_weights, prefixed
 from .config import Config, config_from_dict, load_config
 from .degradation import matlab_bicubic_resize
-from .fileio import FLOAT_TOLERANCE
+from .fileio import LoadedImage, from_tensor, to_tensor
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
 from .model import MCFormer
@@ -159,102 +159,6 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
     return model.eval().requires_grad_(False), cfg
 
 
-def _unit_range(values: torch.Tensor | np.ndarray, what: str) -> None:
-    """Float pixels must be in [0, 1]: a 0–255 float image would otherwise be clamped to white."""
-    low, high = float(values.min()), float(values.max())
-    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
-        raise ValueError(f"float {what} must hold values in [0, 1], got [{low:.4g}, {high:.4g}]; divide 0–255 "
-                         f"images by 255 (or pass them as uint8)")
-
-
-def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """PIL image / numpy array / tensor → (rgb [B, 3, h, w] float in [0, 1], alpha [B, 1, h, w] or None, how to undo).
-
-    Integer pixels are scaled by their type's range (uint8 /255, uint16 /65535); float pixels must be in [0, 1].
-    """
-    from PIL import Image
-
-    kind: dict[str, Any] = {}
-    if isinstance(image, Image.Image):
-        kind["type"], kind["mode"] = "pil", image.mode
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = np.asarray(image).astype(np.uint16)
-        elif image.mode == "F":
-            image = np.asarray(image, dtype=np.float32)
-        else:
-            wanted = "RGBA" if image.mode in ("RGBA", "PA") or "transparency" in image.info else \
-                "LA" if image.mode == "LA" else "L" if image.mode in ("L", "1") else "RGB"
-            image = np.asarray(image.convert(wanted))
-    if isinstance(image, np.ndarray):
-        kind.setdefault("type", "numpy")
-        kind["dtype"], kind["ndim"] = image.dtype, image.ndim
-        if image.dtype == np.uint8:
-            array = image.astype(np.float32) / 255.0
-        elif image.dtype == np.uint16:
-            array = image.astype(np.float32) / 65535.0
-        elif np.issubdtype(image.dtype, np.floating):
-            array = image.astype(np.float32)
-        else:
-            raise ValueError(f"numpy images must be uint8, uint16 or float in [0, 1], got {image.dtype}")
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
-            raise ValueError(f"numpy images must be [H, W] or [H, W, C] with C in 1–4, got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
-    elif isinstance(image, torch.Tensor):
-        kind["type"], kind["batched"], kind["dtype"] = "tensor", image.dim() == 4, image.dtype
-        if image.dim() == 3:
-            image = image[None]
-        if image.dim() != 4 or image.shape[1] not in (1, 2, 3, 4):
-            raise ValueError(f"tensor images must be [C, H, W] or [B, C, H, W] with C in 1–4, got {tuple(image.shape)}")
-        if image.dtype == torch.uint8:
-            image = image.float() / 255.0
-        elif image.is_floating_point():
-            image = image.float()
-        else:
-            raise ValueError(f"tensor images must be uint8 or float in [0, 1], got {image.dtype}")
-    else:
-        raise ValueError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
-    channels = image.shape[1]
-    kind["channels"] = channels
-    if not torch.isfinite(image).all():
-        raise ValueError("input contains NaN or infinite values")
-    _unit_range(image, "images")
-    image = image.clamp(0, 1)
-    alpha = image[:, channels - 1:] if channels in (2, 4) else None
-    colour = image[:, : 3 if channels >= 3 else 1]
-    rgb = colour.expand(-1, 3, -1, -1) if colour.shape[1] == 1 else colour
-    return rgb.contiguous(), alpha, kind
-
-
-def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: dict) -> Any:
-    """Undo `to_tensor`: the result in the kind, channel layout and dtype of the input."""
-    from PIL import Image
-
-    colour = rgb.mean(1, keepdim=True) if kind["channels"] in (1, 2) else rgb
-    image = torch.cat([colour, alpha], 1) if alpha is not None else colour
-    image = image.clamp(0, 1)
-    if kind["type"] == "tensor":
-        out = image.to(kind["dtype"]) if kind["dtype"].is_floating_point else \
-            image.mul(255).round().to(torch.uint8)
-        return out if kind["batched"] else out[0]
-    array = image[0].permute(1, 2, 0).cpu().numpy()
-    if kind["type"] == "numpy":
-        if kind["ndim"] == 2:
-            array = array[..., 0]
-        if kind["dtype"] == np.uint8:
-            return np.round(array * 255).astype(np.uint8)
-        if kind["dtype"] == np.uint16:
-            return np.round(array * 65535).astype(np.uint16)
-        return array.astype(kind["dtype"])
-    if kind["dtype"] == np.uint16:
-        return Image.fromarray(np.round(array[..., 0] * 65535).astype(np.uint16))
-    if kind["dtype"] == np.float32:
-        return Image.fromarray(np.ascontiguousarray(array[..., 0]), "F")
-    pixels = np.round(array * 255).astype(np.uint8)
-    return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-
-
 def given_kernels(kernel: torch.Tensor | np.ndarray, batch: int) -> torch.Tensor:
     """A non-blind kernel [k, k] or [B, k, k] from the API, checked and normalised → float32 [B, k, k]."""
     array = kernel.detach().cpu().numpy() if isinstance(kernel, torch.Tensor) else np.asarray(kernel)
@@ -350,8 +254,8 @@ class BlindDiff:
         sr, estimated = self.run(rgb, [seed] * rgb.shape[0], SampleOptions.for_mode(mode, **options), kernel=given,
                                  callback=callback, progress=progress)
         alpha_up = None if alpha is None else self.upscale_alpha(alpha)
-        out_kernel: Any = estimated if kind["type"] == "tensor" and kind["batched"] else estimated[0]
-        if kind["type"] != "tensor":
+        out_kernel: Any = estimated if kind.source == "tensor" and kind.ndim == 4 else estimated[0]
+        if kind.source != "tensor":
             out_kernel = out_kernel.numpy()
         return from_tensor(sr, alpha_up, kind), out_kernel
 
@@ -371,11 +275,12 @@ class BlindDiff:
         return matlab_bicubic_resize(alpha.float(), scale=self.scale).clamp(0, 1)
 
 
-def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
-    """A kernel [k, k] as a uint8 picture, scaled to its peak and magnified with nearest-neighbour blocks."""
-    peak = float(kernel.max()) or 1.0
-    pixels = np.round(np.clip(kernel / peak, 0, 1) * 255).astype(np.uint8)
-    return np.kron(pixels, np.ones((magnify, magnify), np.uint8))
+def size_batches(items: list, size: Callable[[Any], Any], batch_size: int) -> list[list]:
+    """Items whose `size` is equal (so they stack into one tensor), `batch_size` at a time, in first-seen order."""
+    groups: dict[Any, list] = {}
+    for item in items:
+        groups.setdefault(size(item), []).append(item)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 @dataclass
@@ -426,10 +331,7 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
             problems.append(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
         jobs.append(FileJob(path, outputs, size))
-    groups: dict[tuple[int, int], list[FileJob]] = {}
-    for job in jobs:
-        groups.setdefault(job.size, []).append(job)
-    batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    batches = size_batches(jobs, lambda job: job.size, batch_size)
     bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not progress or len(jobs) < 2)
     for batch in batches:
         loaded: list[tuple[FileJob, fileio.LoadedImage]] = []
@@ -456,12 +358,10 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
             alpha = None
             if image.alpha is not None:
                 alpha = model.upscale_alpha(torch.from_numpy(image.alpha)[None, None])[0, 0].numpy()
-            target, kernel_npy, kernel_png = job.outputs
+            target = job.outputs[0]
             try:
-                fileio.save_image(target, fileio.LoadedImage(result.permute(1, 2, 0).numpy(), alpha, image.grey,
-                                                             image.bit_depth, image.exif, image.icc_profile))
-                fileio.write_npy(kernel_npy, kernel.numpy())
-                fileio.write_png(kernel_png, kernel_picture(kernel.numpy()))
+                fileio.write_result(target, LoadedImage(result.permute(1, 2, 0).numpy(), alpha, image.kind),
+                                    kernel.numpy(), stem=job.source.stem)
             except OSError as err:  # disk full, a folder in the way, no permission: this input fails, not the run
                 problems.append(f"{job.source}: could not write {err.filename or target}: {err.strerror or err}")
                 continue

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +36,6 @@ __all__ = [
     "sample_anisotropic",
     "sample_isotropic",
     "sample_training_kernels",
-    "save_kernel",
 ]
 
 GAUSSIAN8_SIGMAS: tuple[float, ...] = (1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2)
@@ -665,27 +663,6 @@ def load_kernel(path: str | os.PathLike, index: int = 0) -> Tensor:
     return kernels[index]
 
 
-def save_kernel(path: str | os.PathLike, kernel: Tensor | np.ndarray) -> None:
-    """Write one ``[k, k]`` kernel as float32 ``.npy`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    if path.suffix.lower() != ".npy":
-        raise ValueError(f"cannot save kernel to {path}; use a .npy file name")
-    array = kernel.detach().cpu().numpy() if isinstance(kernel, Tensor) else np.asarray(kernel)
-    if array.ndim != 2:
-        raise ValueError(f"save_kernel takes one 2-D kernel [k, k], got shape {array.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array.astype(np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------
 # Kernel PCA (the paper's reduced kernel code, SPEC §3)
 # --------------------------------------------------------------------------------------------------
@@ -736,14 +713,6 @@ class KernelPCA(nn.Module):
         mean = flat.mean(0)
         _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
         return cls(mean.view(k, k).to(kernels.device), vh[:code_length].to(kernels.device))
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> KernelPCA:
-        """Rebuild from :meth:`state_dict` output (e.g. loaded with safetensors)."""
-        missing = {"mean", "components"} - set(state)
-        if missing:
-            raise ValueError(f"KernelPCA state dict lacks {sorted(missing)}; it has {sorted(state)}")
-        return cls(state["mean"], state["components"])
 
     def _check(self, name: str, t: Tensor, tail: tuple[int, ...]) -> None:
         if t.dim() != len(tail) + 1 or tuple(t.shape[1:]) != tail:

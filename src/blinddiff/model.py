@@ -8,7 +8,10 @@ One network does two jobs at every reverse step t (SPEC §1, §5):
 
 The file reads top to bottom in the order the blocks are used:
 norm → modulation → attention (MDTA) → feed-forward (GDFN) → transformer block →
-kernel estimator → embeddings → down/up → the network.
+kernel estimator → embeddings → down/up → the network. Each block's docstring gives its plain
+formula (what the tests check); the hand-written fast paths it runs on (1×1 convolutions as
+matrix products, depth-wise 3×3 and cosine attention with cheap backwards) come last, under
+"Fast paths".
 
 Parameter count of the paper preset (``MCFormerConfig()``): 26,509,267, exactly the
 authors' release (SPEC §3), as ``MCFormer.parameter_groups()`` reports it:
@@ -151,70 +154,16 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# Layout: the backbone runs in channels-last memory ([B, C, H, W] tensors stored as [B, H, W, C]):
-# oneDNN's convolutions are fastest there on CPU, and the channel LayerNorm and the attention's
-# reshapes become free views (paper preset, 128×128, 2 CPU cores: 0.26 s per forward vs 0.32 s
-# for the same network in NCHW).
-#
-# Backward: every guided reverse step back-propagates E to x_t through the whole network (SPEC §5),
-# so the blocks are also written for a cheap input-only backward (frozen weights): no chunk/unbind
-# whose backward concatenates (q, k, v and the GDFN halves come from weight slices), hand-written
-# backwards for the cosine attention and the depth-wise convolutions (which then keep no input),
-# one fused LayerNorm kernel for a single image, and the output projection folded into the
-# attention matrix for one head. Paper preset, 1 CPU thread, fp32: a guided step (forward with graph
-# + input-only backward) costs 2.15× a plain forward at 128² and 2.2× at 256² (2.4× and 3.6× before
-# these changes) and its peak memory is 35–37 % lower; the forward's results are unchanged (≤ 1e-6).
-
-
-def _pointwise(x: Tensor, weight: Tensor) -> Tensor:
-    """1×1 convolution without bias as a matrix product over channels: [B, Cin, H, W] → [B, Cout, H, W].
-
-    weight: [Cout, Cin, 1, 1]. On channels-last input this is one GEMM on a free view, whatever the
-    thread count (PyTorch sends single-threaded 1×1 convolutions to a slower im2col path).
-    """
-    out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1))  # [B, H, W, Cout]
-    return out.permute(0, 3, 1, 2)
-
-
-class _Depthwise3x3(torch.autograd.Function):
-    """Depth-wise 3×3 convolution (zero padding 1, no bias) whose input gradient is the same
-    convolution with the kernel rotated by 180°, and which keeps its input for the backward only
-    when the weight needs a gradient (autograd's convolution always keeps it)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
-        out = F.conv2d(x, weight, padding=1, groups=weight.shape[0])
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        channels = weight.shape[0]
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight.flip(-2, -1).to(grad.dtype), padding=1, groups=channels)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(
-                grad, x.to(grad.dtype), weight.to(grad.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0],
-                channels, [False, True, False])[1]
-        return grad_x, grad_w
-
-
-def _depthwise3x3(x: Tensor, weight: Tensor) -> Tensor:
-    """Depth-wise 3×3 convolution, zero padding 1, no bias; weight [C, 1, 3, 3]."""
-    return _Depthwise3x3.apply(x, weight)
-
-
 # ---------------------------------------------------------------------------
 # Norm and modulation
 # ---------------------------------------------------------------------------
 
 
 class ModulatedLayerNorm(nn.Module):
-    """Channel LayerNorm (Restormer "WithBias") followed by the kernel modulation x·(1+scale)+shift.
+    """Channel LayerNorm (Restormer "WithBias") followed by the kernel modulation (SPEC §3):
+    ``y = (w·x̂ + b)·(1 + scale) + shift``, x̂ = (x − mean) / √(var + eps) over the channels of each pixel.
 
-    The LayerNorm affine (w, b) and the per-sample modulation are folded into one per-sample
+    How it runs: the LayerNorm affine (w, b) and the per-sample modulation are folded into one per-sample
     affine ``x̂·(w·(1+scale)) + (b·(1+scale) + shift)``: for a single image that is a plain
     LayerNorm affine, so forward and backward are one fused kernel each; a batch normalises, then
     applies the affine in a second pass. Normalisation and affine run in fp32 (safe under bf16
@@ -248,46 +197,17 @@ class ModulatedLayerNorm(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class _CosineGram(torch.autograd.Function):
-    """Cosine similarities of the rows of q and k: ``(q kᵀ) / (‖q_i‖ ‖k_j‖)``, eps 1e-12 like F.normalize.
-
-    q, k: [B, heads, c, N] (any strides) → [B, heads, c, c] in fp32. The small c×c Gram matrix is divided
-    by the norms instead of normalising the full maps (same result as F.normalize). The hand-written
-    backward merges the norms' gradient into the Gram matrix's, ∂L/∂q = G·k + s⊙q (G the c×c gradient
-    of the Gram matrix, s a per-channel factor): one matmul and one fused multiply-add per input
-    instead of autograd's square/sum/sqrt chain and its extra passes over the full maps.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
-        gram = (q @ k.transpose(-2, -1)).float()  # [B, heads, c, c]
-        q_norm = q.float().square().sum(-1).sqrt().clamp_min(1e-12)  # [B, heads, c]
-        k_norm = k.float().square().sum(-1).sqrt().clamp_min(1e-12)
-        cos = gram / (q_norm[..., :, None] * k_norm[..., None, :])
-        ctx.save_for_backward(q, k, q_norm, k_norm, cos)
-        return cos
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
-        q, k, q_norm, k_norm, cos = ctx.saved_tensors
-        grad_gram = grad / (q_norm[..., :, None] * k_norm[..., None, :])  # [B, heads, c, c]
-        weighted = grad * cos
-        # ∂cos_ij/∂‖q_i‖ = −cos_ij/‖q_i‖ and ∂‖q_i‖/∂q_i = q_i/‖q_i‖ (zero where the norm was clamped)
-        q_scale = -weighted.sum(-1) / q_norm.square() * (q_norm > 1e-12)  # [B, heads, c]
-        k_scale = -weighted.sum(-2) / k_norm.square() * (k_norm > 1e-12)
-        grad_q = grad_k = None
-        # Computed as [B, heads, N, c]: the channels-last layout q and k came from.
-        if ctx.needs_input_grad[0]:
-            grad_q = k.transpose(-2, -1) @ grad_gram.transpose(-2, -1).to(k.dtype)
-            grad_q = grad_q.addcmul_(q.transpose(-2, -1), q_scale[..., None, :].to(q.dtype)).transpose(-2, -1)
-        if ctx.needs_input_grad[1]:
-            grad_k = q.transpose(-2, -1) @ grad_gram.to(q.dtype)
-            grad_k = grad_k.addcmul_(k.transpose(-2, -1), k_scale[..., None, :].to(k.dtype)).transpose(-2, -1)
-        return grad_q, grad_k
-
-
 class TransposedAttention(nn.Module):
-    """MDTA (Restormer): attention across channels, so cost is linear in H·W (SPEC §3)."""
+    """MDTA (Restormer): attention across channels, so cost is linear in H·W (SPEC §3).
+
+    ``y = project_out(softmax(T·q̂k̂ᵀ)·v)`` for each head, with (q, k, v) = dwconv3×3(qkv(x)) split in
+    thirds, a head's c = d/heads channels taken as rows of length H·W, q̂ and k̂ those rows L2-normalised,
+    and T the head's learned temperature: the attention matrix is c×c.
+
+    How it runs (fast paths, end of file): q, k, v from their thirds of the weights, the cosine Gram
+    matrix and the depth-wise convolutions with hand-written backwards, and for one head the output
+    projection folded into the attention matrix.
+    """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -326,7 +246,10 @@ class TransposedAttention(nn.Module):
 
 
 class GatedFeedForward(nn.Module):
-    """GDFN (Restormer): 1×1 expand, depth-wise 3×3, GELU gate, 1×1 project."""
+    """GDFN (Restormer): ``y = project_out(GELU(g) ⊙ v)``, (g, v) = dwconv3×3(project_in(x)) split in halves.
+
+    How it runs: g and v come from their own halves of the weights (fast paths, end of file).
+    """
 
     def __init__(self, dim: int, expansion: float) -> None:
         super().__init__()
@@ -672,3 +595,100 @@ def describe_complexity(cfg: MCFormerConfig, hr_size: int, scale: int = 4) -> di
         "lr_size": lr_size,
         "gflops": counter.get_total_flops() / 1e9,
     }
+
+
+# ---------------------------------------------------------------------------
+# Fast paths: the formulas above, written for speed (the blocks call them)
+# ---------------------------------------------------------------------------
+
+# Layout: the backbone runs in channels-last memory ([B, C, H, W] tensors stored as [B, H, W, C]):
+# oneDNN's convolutions are fastest there on CPU, and the channel LayerNorm and the attention's
+# reshapes become free views (paper preset, 128×128, 2 CPU cores: 0.26 s per forward vs 0.32 s
+# for the same network in NCHW).
+#
+# Backward: every guided reverse step back-propagates E to x_t through the whole network (SPEC §5),
+# so the blocks are also written for a cheap input-only backward (frozen weights): no chunk/unbind
+# whose backward concatenates (q, k, v and the GDFN halves come from weight slices), hand-written
+# backwards for the cosine attention and the depth-wise convolutions (which then keep no input),
+# one fused LayerNorm kernel for a single image, and the output projection folded into the
+# attention matrix for one head. Paper preset, 1 CPU thread, fp32: a guided step (forward with graph
+# + input-only backward) costs 2.15× a plain forward at 128² and 2.2× at 256² (2.4× and 3.6× before
+# these changes) and its peak memory is 35–37 % lower; the forward's results are unchanged (≤ 1e-6).
+
+
+def _pointwise(x: Tensor, weight: Tensor) -> Tensor:
+    """1×1 convolution without bias as a matrix product over channels: [B, Cin, H, W] → [B, Cout, H, W].
+
+    weight: [Cout, Cin, 1, 1]. On channels-last input this is one GEMM on a free view, whatever the
+    thread count (PyTorch sends single-threaded 1×1 convolutions to a slower im2col path).
+    """
+    out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1))  # [B, H, W, Cout]
+    return out.permute(0, 3, 1, 2)
+
+
+class _Depthwise3x3(torch.autograd.Function):
+    """Depth-wise 3×3 convolution (zero padding 1, no bias) whose input gradient is the same
+    convolution with the kernel rotated by 180°, and which keeps its input for the backward only
+    when the weight needs a gradient (autograd's convolution always keeps it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        out = F.conv2d(x, weight, padding=1, groups=weight.shape[0])
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        channels = weight.shape[0]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(-2, -1).to(grad.dtype), padding=1, groups=channels)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad, x.to(grad.dtype), weight.to(grad.dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                channels, [False, True, False])[1]
+        return grad_x, grad_w
+
+
+def _depthwise3x3(x: Tensor, weight: Tensor) -> Tensor:
+    """Depth-wise 3×3 convolution, zero padding 1, no bias; weight [C, 1, 3, 3]."""
+    return _Depthwise3x3.apply(x, weight)
+
+
+class _CosineGram(torch.autograd.Function):
+    """Cosine similarities of the rows of q and k: ``q̂k̂ᵀ = (q kᵀ) / (‖q_i‖ ‖k_j‖)``, eps 1e-12 like F.normalize.
+
+    q, k: [B, heads, c, N] (any strides) → [B, heads, c, c] in fp32. The small c×c Gram matrix is divided
+    by the norms instead of normalising the full maps (same result as F.normalize). The hand-written
+    backward merges the norms' gradient into the Gram matrix's, ∂L/∂q = G·k + s⊙q (G the c×c gradient
+    of the Gram matrix, s a per-channel factor): one matmul and one fused multiply-add per input
+    instead of autograd's square/sum/sqrt chain and its extra passes over the full maps.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
+        gram = (q @ k.transpose(-2, -1)).float()  # [B, heads, c, c]
+        q_norm = q.float().square().sum(-1).sqrt().clamp_min(1e-12)  # [B, heads, c]
+        k_norm = k.float().square().sum(-1).sqrt().clamp_min(1e-12)
+        cos = gram / (q_norm[..., :, None] * k_norm[..., None, :])
+        ctx.save_for_backward(q, k, q_norm, k_norm, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        q, k, q_norm, k_norm, cos = ctx.saved_tensors
+        grad_gram = grad / (q_norm[..., :, None] * k_norm[..., None, :])  # [B, heads, c, c]
+        weighted = grad * cos
+        # ∂cos_ij/∂‖q_i‖ = −cos_ij/‖q_i‖ and ∂‖q_i‖/∂q_i = q_i/‖q_i‖ (zero where the norm was clamped)
+        q_scale = -weighted.sum(-1) / q_norm.square() * (q_norm > 1e-12)  # [B, heads, c]
+        k_scale = -weighted.sum(-2) / k_norm.square() * (k_norm > 1e-12)
+        grad_q = grad_k = None
+        # Computed as [B, heads, N, c]: the channels-last layout q and k came from.
+        if ctx.needs_input_grad[0]:
+            grad_q = k.transpose(-2, -1) @ grad_gram.transpose(-2, -1).to(k.dtype)
+            grad_q = grad_q.addcmul_(q.transpose(-2, -1), q_scale[..., None, :].to(q.dtype)).transpose(-2, -1)
+        if ctx.needs_input_grad[1]:
+            grad_k = q.transpose(-2, -1) @ grad_gram.to(q.dtype)
+            grad_k = grad_k.addcmul_(k.transpose(-2, -1), k_scale[..., None, :].to(k.dtype)).transpose(-2, -1)
+        return grad_q, grad_k
