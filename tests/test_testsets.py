@@ -14,6 +14,7 @@ from blinddiff.cli import main
 from blinddiff.degradation import degrade
 from blinddiff.fileio import read_rgb, rgb_to_tensor
 from blinddiff.kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian
+from conftest import sample_rgb
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
