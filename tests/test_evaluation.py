@@ -431,3 +431,39 @@ def test_scatter_plot_draws_one_point_per_method(tmp_path: Path) -> None:
     for colour in MATPLOTLIB_C0_C1:
         assert drawn_pixels(path, colour) > 10
     assert drawn_pixels(path, (44, 160, 44)) == 0  # C2: the non-finite point is left out
+
+
+def test_deblurring_baselines_on_a_scale_1_benchmark(tmp_path: Path) -> None:
+    """blurry, Richardson–Lucy and Wiener (true and estimated kernel) run next to the blind method at scale 1."""
+    from blinddiff.checkpoint import save_weights
+    from blinddiff.config import load_config
+    from blinddiff.model import MCFormer
+
+    cfg = load_config("tiny", ["data.scale=1"])
+    weights = tmp_path / "deblur.safetensors"
+    save_weights(weights, MCFormer(cfg.model).state_dict(), cfg)
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(textured("chelsea", 48, 48)).save(hr / "chelsea.png")
+    Image.fromarray(textured("coffee", 48, 48)).save(hr / "coffee.png")
+    bench = tmp_path / "bench"
+    build_testset(hr, bench, "motion", 1, kernel_size=11, noise=0.01, log=lambda message: None)
+    methods = ("blurry", "gt-kernel", "rl-gt", "rl-est", "wiener-gt", "wiener-est")
+    settings = evaluation.BenchmarkSettings(baselines=methods, trajectory_cases=0)
+    outcome = evaluation.run_benchmark(bench, weights, tmp_path / "run", options=evaluation_options(steps=1),
+                                       settings=settings, suite=build_metric_suite("psnr,kernel_l1"), device="cpu",
+                                       log=lambda message: None)
+    results = outcome.results
+    assert results is not None and not outcome.problems
+    assert set(results["methods"]) == {"blinddiff", *methods}
+    blurry = results["methods"]["blurry"]["mean"]["psnr"]
+    for case in cases(bench):  # the blurry baseline is the test set's input, unchanged
+        assert np.array_equal(read_rgb(tmp_path / "run" / "blurry" / f"{case['name']}.png"), read_rgb(bench / case["lr"]))
+    assert results["methods"]["rl-gt"]["mean"]["psnr"] > blurry  # the true kernel helps a classical method
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "rl-est" in report and "estimated kernel" in report and "GT kernel" in report and "blurry input" in report
+    build_testset(hr, tmp_path / "x4", "iso:1.0", 4, kernel_size=7, log=lambda message: None)
+    for baseline in ("rl-gt", "blurry"):  # refused before any work on a test set with downsampling
+        with pytest.raises(ValueError, match="×4"):
+            evaluation.run_benchmark(tmp_path / "x4", weights, tmp_path / "r", device="cpu",
+                                     settings=evaluation.BenchmarkSettings(baselines=(baseline,)))

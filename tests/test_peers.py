@@ -247,3 +247,57 @@ def evaluation_options(**kwargs: object):
     from blinddiff.inference import SampleOptions
 
     return SampleOptions(**kwargs)
+
+
+# ---------------------------------------------------------------------- deconvolution baselines (scale 1)
+
+
+def blurred_picture(kernel_size: int, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A textured picture blurred by a bent streak (an L of 2·(k//3) taps, off-centre: not symmetric)."""
+    from blinddiff.degradation import degrade
+
+    sharp = rgb_to_tensor(sample_rgb(96, 96, "chelsea"))
+    kernel = torch.zeros(1, kernel_size, kernel_size)
+    centre, reach = kernel_size // 2, kernel_size // 3
+    kernel[0, centre, centre - reach:centre + 1] = 1.0
+    kernel[0, centre - reach:centre, centre] = 0.5
+    kernel /= kernel.sum()
+    blurry = degrade(sharp, kernel, 1, noise_sigma=noise, generator=torch.Generator().manual_seed(4))
+    return sharp, blurry, kernel
+
+
+@pytest.mark.parametrize("kernel_size", [15, 16])  # odd, and even like BlindDPS's 64×64
+def test_deconvolution_with_the_true_kernel_beats_the_blurry_input(kernel_size: int) -> None:
+    sharp, blurry, kernel = blurred_picture(kernel_size, noise=0.01)
+    before = float(psnr(blurry, sharp, y_channel=False))
+    for restore in (peers.richardson_lucy, peers.wiener):
+        restored = restore(blurry, kernel)
+        assert restored.shape == blurry.shape and 0 <= float(restored.min()) <= float(restored.max()) <= 1
+        assert float(psnr(restored, sharp, y_channel=False)) > before + 0.5, restore.__name__
+    # a wrong (transposed) kernel must do worse than the true one: the kernel convention matters
+    wrong = kernel.transpose(-2, -1)
+    assert psnr(peers.richardson_lucy(blurry, wrong), sharp, y_channel=False) < \
+        psnr(peers.richardson_lucy(blurry, kernel), sharp, y_channel=False)
+
+
+@pytest.mark.parametrize("restore", [peers.richardson_lucy, peers.wiener])
+def test_deconvolution_is_aligned_with_the_blur(restore) -> None:
+    """The kernel's centre tap means no shift: the same kernel moved by one pixel restores worse."""
+    sharp, blurry, kernel = blurred_picture(16, noise=0.005)
+    aligned = float(psnr(restore(blurry, kernel), sharp, y_channel=False))
+    for shift in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+        moved = float(psnr(restore(blurry, torch.roll(kernel, shift, dims=(-2, -1))), sharp, y_channel=False))
+        assert aligned > moved + 0.3, shift
+
+
+def test_deconvolution_producers_use_the_kernel_they_are_given() -> None:
+    sharp, blurry, kernel = blurred_picture(15, noise=0.01)
+    cases = [{"name": "a"}]
+    made = peers.deconvolution_producers(list(peers.DECONVOLUTION), 1, gt_kernel=lambda case: kernel[0].numpy(),
+                                         estimated_kernel=lambda case: np.eye(15, dtype=np.float32) / 15)
+    gt, _ = made["rl-gt"](blurry, cases)
+    assert torch.allclose(gt, peers.richardson_lucy(blurry, kernel))
+    estimated, _ = made["wiener-est"](blurry, cases)
+    assert not torch.allclose(estimated, peers.wiener(blurry, kernel))
+    with pytest.raises(ValueError, match="×4"):
+        peers.deconvolution_producers(["rl-gt"], 4, gt_kernel=lambda c: None, estimated_kernel=lambda c: None)

@@ -14,6 +14,7 @@ from blinddiff.cli import main
 from blinddiff.degradation import degrade
 from blinddiff.fileio import read_rgb, rgb_to_tensor
 from blinddiff.kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian
+from conftest import sample_rgb
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -165,3 +166,78 @@ def test_degrade_bad_inputs(hr_folder: Path, tmp_path: Path, capsys: pytest.Capt
     assert main(["degrade", str(hr_folder), "--out", str(hr_folder), "--kernel", "iso:2", "--scale", "2"]) == 1
     assert "overwrite" in capsys.readouterr().err
     assert all(tree_bytes(hr_folder)[name] == data for name, data in before.items())
+
+
+# ------------------------------------------------------------------------------ Tables 2 and 5 protocols
+
+
+def test_centre_crop_and_limit_take_the_first_images_in_the_middle(tmp_path: Path) -> None:
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    picture = sample_rgb(60, 80)
+    for name in ("b", "a", "c"):
+        Image.fromarray(picture).save(hr / f"{name}.png")
+    out = tmp_path / "set"
+    assert main(["make-benchmark", "--hr", str(hr), "--out", str(out), "--protocol", "motion", "--scale", "1",
+                 "--kernel-size", "15", "--noise", "0.02", "--crop", "40", "--limit", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [case["name"] for case in manifest["cases"]] == ["a_motion", "b_motion"]  # first 2 in name order
+    assert manifest["crop"] == 40 and manifest["limit"] == 2 and manifest["noise"] == 0.02
+    assert np.array_equal(read_rgb(out / "HR" / "a.png"), picture[10:50, 20:60])  # the centred 40×40
+    assert read_rgb(out / "LR" / "a_motion.png").shape == (40, 40, 3)  # scale 1: blurred, same size
+    assert np.load(out / "kernels" / "a_motion.npy").shape == (15, 15)
+
+
+def test_crop_larger_than_an_image_names_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(sample_rgb(30, 30)).save(hr / "small.png")
+    Image.fromarray(sample_rgb(50, 50)).save(hr / "large.png")
+    assert main(["make-benchmark", "--hr", str(hr), "--out", str(tmp_path / "o"), "--protocol", "iso:1.0",
+                 "--kernel-size", "7", "--crop", "40"]) == 1
+    assert "small.png" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["cases"][0]["name"] == "large_sig1"
+    assert main(["make-benchmark", "--hr", str(hr), "--out", str(tmp_path / "p"), "--crop", "0"]) == 2
+    assert main(["make-benchmark", "--hr", str(hr), "--out", str(tmp_path / "q"), "--crop", "42"]) == 2  # not ×4
+
+
+def asymmetric_kernels() -> list[np.ndarray]:
+    first = np.zeros((5, 5))
+    first[2, 1:5] = [1, 2, 3, 4]  # a horizontal streak, heavier to the right
+    second = np.zeros((7, 7))
+    second[0:4, 3] = 1.0
+    return [first / first.sum(), second / second.sum()]
+
+
+def test_levin_protocol_blurs_every_image_with_every_kernel_as_a_convolution(
+        hr_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scipy.io
+    import scipy.signal
+
+    data = tmp_path / "data"
+    (data / "kernels" / "KAIR").mkdir(parents=True)
+    cell = np.empty((1, 2), dtype=object)
+    cell[0, 0], cell[0, 1] = asymmetric_kernels()
+    scipy.io.savemat(data / "kernels" / "KAIR" / "Levin09.mat", {"kernels": cell})
+    monkeypatch.setenv("BLINDDIFF_DATA", str(data))
+    out = tmp_path / "levin"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(out), "--protocol", "levin",
+                 "--scale", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["cases"]] == ["astronaut_k1", "astronaut_k2", "camera_k1", "camera_k2"]
+    assert manifest["kernel_size"] is None and manifest["cases"][1]["kernel_type"] == "levin"
+    # the stored kernel is the file's rotated by 180°, so blinddiff's correlation is the file's convolution
+    stored = np.load(out / "kernels" / "astronaut_k1.npy")
+    assert np.allclose(stored, asymmetric_kernels()[0][::-1, ::-1], atol=1e-7)
+    hr = read_rgb(out / "HR" / "astronaut.png").astype(np.float64)
+    convolved = scipy.signal.convolve2d(hr[..., 0], asymmetric_kernels()[0], mode="same")
+    lr = read_rgb(out / "LR" / "astronaut_k1.png").astype(np.float64)[..., 0]
+    assert np.abs(lr - convolved)[4:-4, 4:-4].max() <= 0.5 + 1e-6  # uint8 rounding only, away from the border
+    # kernels:FILE is the same without the rotation (kernel files are correlation kernels everywhere else)
+    out2 = tmp_path / "file"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(out2), "--scale", "1", "--protocol",
+                 f"kernels:{data / 'kernels' / 'KAIR' / 'Levin09.mat'}"]) == 0
+    assert np.allclose(np.load(out2 / "kernels" / "camera_k2.npy"), asymmetric_kernels()[1], atol=1e-7)
+    with pytest.raises(ValueError, match="leave --kernel-size out"):
+        from blinddiff.testsets import build_testset
+        build_testset(hr_folder, tmp_path / "x", "levin", 1, kernel_size=21)

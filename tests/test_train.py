@@ -240,3 +240,42 @@ def test_export_writes_the_ema_of_a_checkpoint_in_half_precision(hr_folder: Path
     assert all(v.dtype == torch.float16 and torch.allclose(v.float(), ema[k], rtol=1e-3, atol=1e-4)
                for k, v in exported.items() if ema[k].is_floating_point())
     assert main(["export", str(index), "--out", str(index)]) == 2
+
+
+def test_setting_presets_on_the_fast_recipe() -> None:
+    fast = load_config("fast-x4")
+    aniso = load_config("aniso-x4")
+    assert aniso.model == fast.model and aniso.diffusion == fast.diffusion  # init_from needs the same network
+    assert (aniso.data.setting, aniso.data.scale, aniso.data.kernel_size, aniso.data.downsample) == \
+        ("aniso", 4, 21, "bicubic")
+    assert aniso.train.init_from in shipped_or_default_names()
+    deblur = load_config("deblur-motion")
+    assert (deblur.data.setting, deblur.data.scale, deblur.data.noise) == ("motion", 1, 0.02)
+    assert deblur.model.kernel_size == deblur.data.kernel_size == 64
+    assert deblur.data.crop >= 128 and deblur.data.crop % deblur.model.size_multiple == 0
+    assert deblur.model.patch_size == fast.model.patch_size and deblur.diffusion.prediction == "x0"
+    assert deblur.train.init_from is None  # 64×64 kernel head: nothing to start from
+    model = MCFormer(deblur.model)  # the 64×64 kernel estimator and embedding fit a 128² crop
+    x = torch.rand(1, 3, deblur.data.crop, deblur.data.crop)
+    with torch.no_grad():
+        out, kernel = model(x, torch.tensor([10]), x)
+    assert out.shape == x.shape and kernel.shape == (1, 64, 64)
+    assert torch.allclose(kernel.sum(dim=(1, 2)), torch.ones(1), atol=1e-5)
+
+
+def shipped_or_default_names() -> set[str]:
+    """The weights a preset may start from: a shipped name, or the recipe's name before its weights ship."""
+    from blinddiff.inference import shipped_weights
+
+    return set(shipped_weights()) | {"fast-x4"}
+
+
+def test_init_from_takes_a_shipped_name_or_a_path(tmp_path: Path, weights: Path) -> None:
+    from blinddiff.inference import WEIGHTS_DIR, shipped_weights
+    from blinddiff.train import init_weights
+
+    name = next(iter(shipped_weights()))
+    assert init_weights(name) == WEIGHTS_DIR / shipped_weights()[name]["file"]  # as `upscale --weights NAME`
+    assert init_weights(str(weights)) == weights
+    with pytest.raises(FileNotFoundError, match="train.init_from: weights no-such-model not found"):
+        init_weights("no-such-model")

@@ -43,7 +43,7 @@ def cmd_make_benchmark(args: argparse.Namespace) -> int:
 
     records, problems = build_testset(args.hr, args.out, args.protocol, args.scale, downsample=args.downsample,
                                       noise=args.noise, seed=args.seed, kernel_size=args.kernel_size,
-                                      force=args.force)
+                                      crop=args.crop, limit=args.limit, force=args.force)
     print(f"wrote {len(records)} case(s) to {args.out} (manifest: {args.out}/manifest.json)")
     return report(problems, args)
 
@@ -258,7 +258,13 @@ def add_degradation_options(parser: argparse.ArgumentParser) -> None:
 
 def add_make_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hr", required=True, help="folder of HR images")
-    parser.add_argument("--protocol", default="gaussian8", help="gaussian8 | aniso | motion | iso:SIGMA")
+    parser.add_argument("--protocol", default="gaussian8",
+                        help="gaussian8 | aniso | motion | levin | iso:SIGMA | kernels:FILE (levin and kernels:FILE: "
+                             "every image with every kernel of the file, e.g. Levin et al. 2009's 8 camera shakes)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help="centre-crop every image to N×N first (Table 5: 256)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N images in name order (Table 2: the first 50 of Urban100)")
     parser.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     add_degradation_options(parser)
@@ -333,7 +339,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
     parser.add_argument("--out", required=True, help="run folder (re-running it resumes)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help=f"some of {','.join(ALL_BASELINES)}, or none (the peers need `make peers` and ×4)")
+                        help=f"some of {','.join(ALL_BASELINES)}, or none (the peers need `make peers` and ×4; "
+                             "blurry, rl-* and wiener-* are for scale 1; *-est reuse blinddiff's kernels of the run)")
     parser.add_argument("--limit", type=int, default=None,
                         help="only N cases, spread evenly over the set (a stated subset of a large set)")
     parser.add_argument("--trajectory-cases", type=int, default=2, help="images traced along the reverse process")

@@ -7,7 +7,8 @@
 * :func:`run_benchmark` — upscale every case with the blind MAP reverse process, and the baselines
   (plain bicubic ×s; the same model in non-blind mode with the ground-truth kernel; on request the
   peer methods of ``blinddiff.peers``: Real-ESRGAN, RealSR, SRMD given the true or our estimated
-  kernel), evaluate them,
+  kernel; at scale 1 the blurry input itself and Richardson–Lucy / Wiener deconvolution given the true
+  or our estimated kernel), evaluate them,
   and write ``results.json/.csv/.md`` and a self-contained ``report.html`` with crops, kernels and
   matplotlib plots: Fig. 7a (per-step PSNR of x̂0 and kernel L1 along the reverse process), quality
   against the number of steps, and perception–distortion (PSNR vs LPIPS-VGG, one point per
@@ -46,7 +47,7 @@ from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, kern
 from .hardware import Runtime, distributed, gather, shard
 from .metrics import ALL_METRICS, KERNEL_METRICS, LUMA_METRICS, MetricSuite, build_metric_suite, kernel_l1, psnr, \
     set_fid
-from .peers import PEERS, check_peers, peer_producers
+from .peers import DECONVOLUTION, PEERS, check_deconvolution, check_peers, deconvolution_producers, peer_producers
 from .testsets import BenchmarkSet, case_group, load_benchmark
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ __all__ = [
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
 BASELINES = ("bicubic", "gt-kernel")  # the default; the peers (blinddiff.peers) need `make peers`
-ALL_BASELINES = BASELINES + PEERS
+ALL_BASELINES = BASELINES + ("blurry",) + DECONVOLUTION + PEERS  # blurry and deconvolution: scale 1 only
 
 _LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_vgg": "LPIPS-VGG ↓", "lpips_alex": "LPIPS-Alex ↓",
            "dists": "DISTS ↓", "niqe": "NIQE ↓", "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓",
@@ -602,6 +603,11 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
     bench = load_benchmark(benchmark)
     peers = [b for b in PEERS if b in settings.baselines]
     check_peers(peers, bench.scale)  # before any upscaling: scale ×4, ncnn and the model files installed
+    deconvolution = [b for b in DECONVOLUTION if b in settings.baselines]
+    check_deconvolution(deconvolution, bench.scale)
+    if "blurry" in settings.baselines and bench.scale != 1:
+        raise ValueError(f"baseline blurry (the input itself) is for deblurring, but the test set is ×{bench.scale}; "
+                         f"use bicubic there")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out={out} exists and is not a folder; choose another out folder")
@@ -642,9 +648,14 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
                 raise ValueError(f"no estimated kernel {path}: {METHOD} did not finish this case")
             return np.load(path, allow_pickle=False)
 
-        producers: dict[str, Producer] = {METHOD: blind, "bicubic": bicubic, "gt-kernel": gt_kernel}
+        def blurry(lr: torch.Tensor, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return lr, None  # scale 1: the input itself, the deblurring tables' first row
+
+        producers: dict[str, Producer] = {METHOD: blind, "bicubic": bicubic, "gt-kernel": gt_kernel, "blurry": blurry}
         producers.update(peer_producers(peers, bench.scale, gt_kernel=bench.gt_kernel,
                                         estimated_kernel=estimated_kernel))
+        producers.update(deconvolution_producers(deconvolution, bench.scale, gt_kernel=bench.gt_kernel,
+                                                 estimated_kernel=estimated_kernel))
         methods = [METHOD] + [b for b in ALL_BASELINES if b in settings.baselines]
         my_cases = shard(cases, runtime)
         order = {case["name"]: i for i, case in enumerate(bench.cases)}
@@ -731,12 +742,14 @@ def _report_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequen
     top, left, h, w = _crop_box(hr.shape[0], hr.shape[1], settings.crop, scale)
     lr = bench.lr(case)
     lr_crop = lr[top // scale:(top + h) // scale, left // scale:(left + w) // scale]
-    pictures = [(f"LR (nearest ×{scale})", np.repeat(np.repeat(lr_crop, scale, 0), scale, 1))]
-    for method in ("bicubic", METHOD, "gt-kernel", *PEERS):  # LR | bicubic | ours | non-blind bound | peers | HR
+    lr_label = f"LR (nearest ×{scale})" if scale > 1 else "blurry input"
+    pictures = [(lr_label, np.repeat(np.repeat(lr_crop, scale, 0), scale, 1))]
+    # LR | bicubic | ours | non-blind bound | peers | HR
+    for method in ("bicubic", METHOD, "gt-kernel", *DECONVOLUTION, *PEERS):
         path = out / method / f"{name}.png"
         if method in methods and path.is_file():
             pictures.append((method, read_rgb(path)[top:top + h, left:left + w]))
-        elif method == "bicubic":  # not run as a baseline: made here, the same way
+        elif method == "bicubic" and scale > 1:  # not run as a baseline: made here, the same way
             bicubic = tensor_to_rgb(upsample_bicubic(_lr_batch(bench, [case]), scale).clamp(0, 1)[0])
             pictures.append(("bicubic", bicubic[top:top + h, left:left + w]))
     pictures.append(("HR", hr[top:top + h, left:left + w]))

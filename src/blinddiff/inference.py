@@ -22,7 +22,7 @@ import torch
 from .checkpoint import load_torch, load_weights, prefixed
 from .config import Config, config_from_dict, load_config
 from .degradation import matlab_bicubic_resize
-from .fileio import LoadedImage, from_tensor, to_tensor
+from .fileio import LoadedImage, expand_path, from_tensor, to_tensor
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
 from .model import MCFormer
@@ -104,7 +104,7 @@ def resolve_weights(name_or_path: str | Path) -> Path:
         if sha256_of(file) != entry["sha256"]:
             raise ValueError(f"shipped weights {file} fail their sha256 check (corrupt or replaced); reinstall blinddiff")
         return file
-    path = Path(name_or_path)
+    path = expand_path(name_or_path)
     if path.is_file():
         return path
     names = ", ".join(sorted(shipped)) or "none in this installation"

@@ -1,7 +1,15 @@
 """Synthetic test sets with known kernels (SPEC §2: the Gaussian8 benchmark of Table 1, the anisotropic
-setting of Table 2, motion-blur deblurring) and one-off degradation of single images.
+setting of Table 2, motion-blur deblurring of Table 5, real camera shake of Levin et al. 2009) and
+one-off degradation of single images.
 
-A test set folder holds `HR/<stem>.png` (mod-cropped to a multiple of the scale, top-left),
+Protocols (kernels per image): `gaussian8` (the 8 σ of Table 1), `iso:SIGMA`, `aniso` (one fixed-seed
+setting-2 kernel per image, Table 2), `motion` (one fixed-seed BlindDPS kernel per image, intensity 0.5,
+Table 5), `levin` (every image with each of the 8 real camera-shake kernels of Levin et al. 2009,
+`LEVIN_KERNELS`) and `kernels:FILE` (every image with each kernel of a .npy/.png/.mat file).
+Table 2 uses the first 50 Urban100 images (`limit`); Table 5 uses 256x256 centre crops (`crop`).
+
+A test set folder holds `HR/<stem>.png` (centre-cropped to `crop`×`crop` if asked, then mod-cropped to a
+multiple of the scale, top-left),
 `LR/<stem>_<tag>.png` (uint8), `kernels/<stem>_<tag>.npy` (float32 k×k) and `manifest.json` with one
 record per case. Everything is a pure function of the arguments: same arguments, same bytes.
 """
@@ -22,10 +30,12 @@ import torch
 from . import __version__
 from .data import derive_seed
 from .degradation import DOWNSAMPLE_MODES, degrade
-from .fileio import ImageError, check_name_part, check_output_folder, expand_inputs, find_images, inside, \
-    plan_outputs, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
-from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, motion_blur, parse_kernel_spec, sample_anisotropic
+from .fileio import ImageError, check_name_part, check_output_folder, expand_inputs, expand_path, find_images, \
+    inside, plan_outputs, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
+from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, load_kernels, motion_blur, parse_kernel_spec, \
+    sample_anisotropic
 
+LEVIN_KERNELS = "${BLINDDIFF_DATA:-../shared/data}/kernels/KAIR/Levin09.mat"  # 8 real camera-shake kernels
 MOTION_KERNEL_SIZE = 64  # BlindDPS's motion kernels
 MAX_KERNEL_SIZE = 256  # far beyond any blur in the paper; bounds the memory a typo can ask for
 # One case of a protocol: (tag, parameters for the manifest, kernel [k, k]).
@@ -37,8 +47,21 @@ def stem_seed(seed: int, name: str) -> int:
     return derive_seed(seed, zlib.crc32(name.encode()))
 
 
-def default_kernel_size(kind: str, kernel_size: int | None) -> int:
-    """The kernel size asked for (checked), else 64 for motion blur (BlindDPS) and 21 for Gaussians (SPEC §2)."""
+def file_protocol(protocol: str) -> str | None:
+    """The kernel file of a `levin` / `kernels:FILE` protocol, else None."""
+    if protocol == "levin":
+        return LEVIN_KERNELS
+    return protocol[len("kernels:"):] if protocol.startswith("kernels:") else None
+
+
+def default_kernel_size(kind: str, kernel_size: int | None) -> int | None:
+    """The kernel size asked for (checked), else 64 for motion blur (BlindDPS) and 21 for Gaussians (SPEC §2);
+    None for kernels read from a file, which keep their own sizes."""
+    if file_protocol(kind) is not None:
+        if kernel_size is not None:
+            raise ValueError(f"--kernel-size {kernel_size}: protocol {kind} uses the kernels of a file at their "
+                             "own sizes; leave --kernel-size out")
+        return None
     if kernel_size is None:
         return MOTION_KERNEL_SIZE if kind.startswith(("motion", "random-motion")) else 21
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or not 3 <= kernel_size <= MAX_KERNEL_SIZE:
@@ -47,8 +70,24 @@ def default_kernel_size(kind: str, kernel_size: int | None) -> int:
     return kernel_size
 
 
-def protocol_cases(protocol: str, size: int) -> Callable[[str, int], list[Case]]:
-    """Parse `gaussian8 | aniso | motion | iso:SIGMA` into a function (stem, seed) → cases for that image."""
+def file_kernels(path: str, convolution: bool) -> list[torch.Tensor]:
+    """The kernels of a file ([k, k] each, own sizes). `convolution`: the file holds convolution kernels (as
+    Levin's, whose blurred images were made with conv2); they are rotated by 180° so that blinddiff's
+    correlation (SPEC §2) gives the same blur (up to the centre of even kernels)."""
+    kernels = load_kernels(expand_path(path))
+    return [torch.flip(k, (0, 1)) for k in kernels] if convolution else kernels
+
+
+def protocol_cases(protocol: str, size: int | None) -> Callable[[str, int], list[Case]]:
+    """Parse `gaussian8 | aniso | motion | iso:SIGMA | levin | kernels:FILE` into a function (stem, seed) →
+    cases for that image (module docstring)."""
+    source = file_protocol(protocol)
+    if source is not None:
+        kernels = file_kernels(source, convolution=protocol == "levin")
+        kind = "levin" if protocol == "levin" else "file"
+        cases = [(f"k{i + 1}", {"kernel_type": kind, "kernel_index": i + 1}, k) for i, k in enumerate(kernels)]
+        return lambda stem, seed: cases
+    assert size is not None
     if protocol == "gaussian8":
         kernels = isotropic_gaussian(torch.tensor(GAUSSIAN8_SIGMAS, dtype=torch.float64), size)
         cases = [(f"sig{s}", {"kernel_type": "iso", "sigma": s}, k) for s, k in zip(GAUSSIAN8_SIGMAS, kernels)]
@@ -74,7 +113,8 @@ def protocol_cases(protocol: str, size: int) -> Callable[[str, int], list[Case]]
             kernel = motion_blur(1, size, intensity=0.5, generator=torch.Generator().manual_seed(case_seed))[0]
             return [("motion", {"kernel_type": "motion", "intensity": 0.5, "seed": case_seed}, kernel)]
         return motion
-    raise ValueError(f"protocol {protocol!r} is unknown; use gaussian8, aniso, motion or iso:SIGMA (e.g. iso:2.6)")
+    raise ValueError(f"protocol {protocol!r} is unknown; use gaussian8, aniso, motion, levin, iso:SIGMA (e.g. "
+                     f"iso:2.6) or kernels:FILE")
 
 
 def check_degradation_args(scale: int, downsample: str, noise: float) -> None:
@@ -84,6 +124,15 @@ def check_degradation_args(scale: int, downsample: str, noise: float) -> None:
         raise ValueError(f"downsample {downsample!r} is unknown; use one of {', '.join(DOWNSAMPLE_MODES)}")
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise {noise} is invalid; use a standard deviation ≥ 0 on the [0, 1] scale, e.g. 0.01")
+
+
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The centred size×size window of [H, W, C] (Table 5's 256x256 crops); smaller images are an error."""
+    height, width = image.shape[:2]
+    if min(height, width) < size:
+        raise ImageError(f"image of {width}x{height} is smaller than the {size}x{size} crop; use a smaller --crop")
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top:top + size, left:left + size]
 
 
 def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
@@ -147,15 +196,23 @@ def check_force_targets(out: Path, targets: list[Path]) -> None:
 
 def build_testset(hr_dir: str | Path, out: str | Path, protocol: str = "gaussian8", scale: int = 4, *,
                   downsample: str = "bicubic", noise: float = 0.0, seed: int = 0, kernel_size: int | None = None,
-                  force: bool = False, log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
+                  crop: int | None = None, limit: int | None = None, force: bool = False,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
     """Write a synthetic test set (module docstring); returns (manifest records, problems with named inputs).
 
-    Nothing is written inside `hr_dir`, and with `force` only files of a previous test set are replaced.
+    `crop`: centre-crop every image to crop×crop first; `limit`: only the first `limit` images in name
+    order (e.g. the first 50 of Urban100). Nothing is written inside `hr_dir`, and with `force` only files
+    of a previous test set are replaced.
     """
     check_degradation_args(scale, downsample, noise)
+    for name, value in (("crop", crop), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value} is invalid; use a positive integer (or leave it out)")
+    if crop is not None and crop % scale:
+        raise ValueError(f"crop={crop} must be a multiple of the scale {scale}")
     kernel_size = default_kernel_size(protocol, kernel_size)
     cases_for = protocol_cases(protocol, kernel_size)
-    files = find_images(hr_dir)
+    files = find_images(hr_dir)[:limit]
     out = Path(out)
     ensure_empty(out, force)
     check_outside_sources(Path(hr_dir), out)
@@ -179,7 +236,8 @@ def build_testset(hr_dir: str | Path, out: str | Path, protocol: str = "gaussian
     for path, planned in plan:
         stem = path.stem
         try:
-            hr = mod_crop(read_rgb(path), scale)
+            hr = read_rgb(path)
+            hr = mod_crop(centre_crop(hr, crop) if crop else hr, scale)
             cases = [(tag, params, kernel, degrade_image(hr, kernel, scale, downsample, noise,
                                                          stem_seed(seed, f"{stem}_{tag}")))
                      for tag, params, kernel in planned]
@@ -196,7 +254,8 @@ def build_testset(hr_dir: str | Path, out: str | Path, protocol: str = "gaussian
                             "noise": noise, **params})
         log(f"{path.name}: {hr.shape[1]}x{hr.shape[0]} → {len(cases)} case(s)")
     manifest = {"blinddiff": __version__, "protocol": protocol, "scale": scale, "downsample": downsample,
-                "noise": noise, "seed": seed, "kernel_size": kernel_size, "cases": records}
+                "noise": noise, "seed": seed, "kernel_size": kernel_size, "crop": crop, "limit": limit,
+                "cases": records}
     write_json(out / "manifest.json", manifest)
     return records, problems
 

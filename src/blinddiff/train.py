@@ -30,7 +30,7 @@ from .checkpoint import checkpoint_index, complete_checkpoints, load_latest_chec
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
-from .fileio import expand_path, remove_temporaries
+from .fileio import remove_temporaries
 from .hardware import autocast, resolve_precision, setup_runtime
 from .kernels import fit_kernel_pca
 from .model import MCFormer
@@ -172,6 +172,16 @@ def prepare_run(run: Path, config: str | None, overrides: list[str], resume: boo
     return load_config(config, overrides)
 
 
+def init_weights(name_or_path: str) -> Path:
+    """The file `train.init_from` names: a shipped model (as `upscale --weights`) or a weights path."""
+    from .inference import resolve_weights
+
+    try:
+        return resolve_weights(name_or_path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"train.init_from: {err}") from None
+
+
 NONFINITE_LIMIT = 5  # losses in a row that are NaN/inf before a run counts as diverged
 
 
@@ -216,7 +226,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     torch.manual_seed(derive_seed(tc.seed))  # the same initial weights on every rank
     model = build_model(cfg).to(device)
     if tc.init_from:
-        tensors, _, _ = load_weights(expand_path(tc.init_from))
+        tensors, _, _ = load_weights(init_weights(tc.init_from))
         load_matching(model, prefixed(tensors, "ema.") or tensors, f"train.init_from {tc.init_from}")
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=0.0)
