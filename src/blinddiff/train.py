@@ -354,7 +354,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
             break
     if bar is not None:
         bar.close()
-    finished = done == tc.steps if start < tc.steps else True
+    finished = start >= tc.steps or done == tc.steps  # `done` exists only when the loop ran
     if runtime.main and not finished:
         print(f"time box of {max_seconds:g} s reached at step {done} of {tc.steps}; checkpoint saved, "
               f"continue with --resume", flush=True)
