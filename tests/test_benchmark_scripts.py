@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import one_image_testset, sample_rgb
 from test_metrics import write_niqe_params
+from test_peers import installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,9 @@ def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
     try:
         runpy.run_path(str(REPO / "benchmarks" / name), run_name="__main__")
     except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # as the interpreter does: the message to stderr, status 1
+            print(exit_.code, file=sys.stderr)
+            return 1
         return int(exit_.code or 0)
     return 0
 
@@ -67,6 +71,38 @@ def test_real_niqe_scores_both_methods_and_resumes(weights: Path, tmp_path: Path
     assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "ours").iterdir()} == stamps  # nothing upscaled again
     assert json.loads((out / "results.json").read_text())["mean"] == results["mean"]
+
+
+def test_real_niqe_refuses_unknown_or_missing_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    photos = tmp_path / "real"
+    photos.mkdir()
+    Image.fromarray(sample_rgb(24, 24)).save(photos / "one.png")
+    params = write_niqe_params(tmp_path / "niqe.npz", 96)
+    args = ["--images", str(photos), "--out", str(tmp_path / "out"), "--niqe-params", str(params),
+            "--weights", str(weights)]
+    assert run_script("real_niqe.py", *args, "--peers", "realesrgan,srmd-gt", monkeypatch=monkeypatch) == 1
+    assert "--peers srmd-gt is not a blind ×4 peer" in capsys.readouterr().err
+    monkeypatch.setenv("BLINDDIFF_PEERS", str(tmp_path / "no-peers"))
+    assert run_script("real_niqe.py", *args, "--peers", "realsr", monkeypatch=monkeypatch) == 1
+    assert "make peers" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(not installed("realesrgan"), reason="peers not installed (run `make peers`)")
+def test_real_niqe_scores_the_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    photos = tmp_path / "real"
+    photos.mkdir()
+    Image.fromarray(sample_rgb(24, 48)).save(photos / "small.png")
+    params = write_niqe_params(tmp_path / "niqe.npz", 96)
+    out = tmp_path / "out"
+    args = ["--images", str(photos), "--out", str(out), "--niqe-params", str(params), "--weights", str(weights),
+            "--peers", "realesrgan", "--mode", "fidelity"]
+    assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["cases"]) == {"bicubic", "blinddiff", "realesrgan"}
+    assert results["cases"]["realesrgan"][0]["seconds"] > 0
+    assert Image.open(out / "realesrgan" / "small.png").size == (192, 96)
 
 
 def test_sampling_speed_times_every_variant(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
