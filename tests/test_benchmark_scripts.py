@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import one_image_testset, sample_rgb
+from test_evaluation import run_cli
 from test_metrics import write_niqe_params
 from test_peers import installed
 
@@ -103,6 +104,24 @@ def test_real_niqe_scores_the_peers(weights: Path, tmp_path: Path, monkeypatch: 
     assert set(results["cases"]) == {"bicubic", "blinddiff", "realesrgan"}
     assert results["cases"]["realesrgan"][0]["seconds"] > 0
     assert Image.open(out / "realesrgan" / "small.png").size == (192, 96)
+
+
+def test_case_figure_shows_a_case_of_a_run(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    bench = one_image_testset(tmp_path, "set", "iso:2.0", 4, kernel_size=11)
+    run = tmp_path / "run"
+    assert run_cli("benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out", str(run), "--steps", "1",
+                   "--metrics", "psnr", "--trajectory-cases", "0", "--no-progress") == 0
+    name = json.loads((bench / "manifest.json").read_text())["cases"][0]["name"]
+    out = tmp_path / "figure.png"
+    args = [str(run), "--case", name, "--crop", "16", "--out", str(out)]
+    assert run_script("case_figure.py", *args, monkeypatch=monkeypatch) == 0
+    width, height = Image.open(out).size
+    assert width > 2 * height > 0  # one row: LR, bicubic, ours, true kernel given, HR, two kernels
+    assert run_script("case_figure.py", *args[:2], "nope", *args[3:], monkeypatch=monkeypatch) == 1
+    assert f"--case nope is not a case of {bench}" in capsys.readouterr().err
+    assert run_script("case_figure.py", *args, "--methods", "realsr", monkeypatch=monkeypatch) == 1
+    assert "--methods realsr: not in" in capsys.readouterr().err
 
 
 def test_sampling_speed_times_every_variant(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

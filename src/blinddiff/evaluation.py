@@ -54,8 +54,9 @@ if TYPE_CHECKING:
     from .inference import BlindDiff, SampleOptions
 
 __all__ = [
-    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "evaluate_results", "line_plot",
-    "markdown_table", "run_benchmark", "scatter_plot", "summarize",
+    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "case_pictures", "evaluate_results",
+    "line_plot",
+    "markdown_table", "run_benchmark", "save_figure", "scatter_plot", "summarize",
 ]
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
@@ -248,7 +249,8 @@ def _new_axes(title: str, xlabel: str, ylabel: str, size: tuple[int, int]) -> tu
     return figure, axes
 
 
-def _save_figure(figure: Any, path: str | os.PathLike) -> None:
+def save_figure(figure: Any, path: str | os.PathLike) -> None:
+    """Lay out a matplotlib figure and write it as a PNG, atomically."""
     figure.tight_layout()
     with atomic_write(path) as handle:
         figure.savefig(handle, format="png")
@@ -269,7 +271,7 @@ def line_plot(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], 
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5
     if series:
         axes.legend(fontsize=7)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def scatter_plot(path: str | os.PathLike, points: dict[str, tuple[float, float]], *, title: str, xlabel: str,
@@ -282,7 +284,7 @@ def scatter_plot(path: str | os.PathLike, points: dict[str, tuple[float, float]]
             axes.scatter([x], [y], color=f"C{index % 10}", s=30, zorder=3)
             axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axes.margins(0.15)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -732,14 +734,16 @@ def _crop_box(height: int, width: int, size: int, scale: int) -> tuple[int, int,
     return top, left, h, w
 
 
-def _report_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequence[str],
-                     settings: BenchmarkSettings) -> list[tuple[str, str]]:
-    """Crops (LR nearest-enlarged | bicubic | methods | HR) and kernel pictures → [(label, relative path)]."""
+def case_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequence[str],
+                  crop: int) -> list[tuple[str, np.ndarray]]:
+    """One case of the run folder ``out`` as pictures: centred crops of at most ``crop`` HR pixels per side
+    (LR nearest-enlarged | bicubic | the methods found | HR), then the true and the estimated kernel
+    (magnified) → [(label, uint8 pixels)]. report.html shows them; so can a README figure."""
     from .degradation import upsample_bicubic
 
     name, scale = case["name"], bench.scale
     hr = bench.hr(case)
-    top, left, h, w = _crop_box(hr.shape[0], hr.shape[1], settings.crop, scale)
+    top, left, h, w = _crop_box(hr.shape[0], hr.shape[1], crop, scale)
     lr = bench.lr(case)
     lr_crop = lr[top // scale:(top + h) // scale, left // scale:(left + w) // scale]
     lr_label = f"LR (nearest ×{scale})" if scale > 1 else "blurry input"
@@ -761,9 +765,15 @@ def _report_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequen
     size = max(k.shape[0] for _, k in kernels)
     for label, kernel in kernels:
         pictures.append((label, kernel_picture(kernel, max(1, 96 // size))))
+    return pictures
+
+
+def _report_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequence[str],
+                     settings: BenchmarkSettings) -> list[tuple[str, str]]:
+    """`case_pictures` written under ``out/report`` → [(label, path relative to ``out``)]."""
     written = []
-    for index, (label, pixels) in enumerate(pictures):
-        relative = f"report/{name}_{index}.png"
+    for index, (label, pixels) in enumerate(case_pictures(out, bench, case, methods, settings.crop)):
+        relative = f"report/{case['name']}_{index}.png"
         write_png(out / relative, np.ascontiguousarray(pixels))
         written.append((label, relative))
     return written
