@@ -180,3 +180,19 @@ def test_modes_name_the_two_ends_and_flags_override_them():
     assert isinstance(args, argparse.Namespace)
     options = sample_options_from(args)
     assert options.steps == SampleOptions.for_mode("fidelity").steps and options.zeta == 7
+
+
+# The settings each shipped model name stands for (README "The paper's other settings").
+SHIPPED_SETTINGS = {"fast-x4": ("iso", 4), "aniso-x4": ("aniso", 4)}
+
+
+def test_shipped_models_load_and_match_their_names() -> None:
+    from blinddiff.inference import DEFAULT_WEIGHTS, WEIGHTS_DIR, resolve_weights, shipped_weights
+
+    registry = shipped_weights()
+    assert DEFAULT_WEIGHTS in registry and set(registry) == set(SHIPPED_SETTINGS)
+    for name in registry:
+        path = resolve_weights(name)  # checks the recorded sha256
+        assert path.parent == WEIGHTS_DIR and path.stat().st_size <= 10 * 1024 * 1024
+        model = BlindDiff.from_pretrained(name, device="cpu")
+        assert (model.cfg.data.setting, model.scale) == SHIPPED_SETTINGS[name]
