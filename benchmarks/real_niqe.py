@@ -98,20 +98,19 @@ def main() -> int:
             continue
         lr_tensor = rgb_to_tensor(lr)
         targets = {method: out / folders[method] / f"{path.stem}.png" for method in methods}
+        timings = {method: out / folders[method] / f"{path.stem}_seconds.json" for method in methods}
         for method, produce in networks.items():
-            timing = out / folders[method] / f"{path.stem}_seconds.json"
             if not targets[method].is_file():
                 started = time.perf_counter()
                 rgb, kernel = produce(lr_tensor)
-                write_json(timing, {"seconds": time.perf_counter() - started})
+                write_json(timings[method], {"seconds": time.perf_counter() - started})
                 write_result(targets[method], rgb, kernel)
         if not targets["bicubic"].is_file():
             write_png(targets["bicubic"], tensor_to_rgb(upsample_bicubic(lr_tensor, model.scale)))
         for method, target in targets.items():
             row = {"name": path.stem, "group": "all", "niqe": float(niqe(read_rgb(target), args.niqe_params)[0])}
-            timing = out / folders[method] / f"{path.stem}_seconds.json"
-            if timing.is_file():
-                row["seconds"] = json.loads(timing.read_text())["seconds"]
+            if timings[method].is_file():
+                row["seconds"] = json.loads(timings[method].read_text())["seconds"]
             rows[method].append(row)
         print(f"{path.name}: NIQE " + ", ".join(f"{m} {rows[m][-1]['niqe']:.3f}" for m in methods), flush=True)
     summaries = {method: summarize(method_rows, ["niqe", "seconds"]) for method, method_rows in rows.items()}
