@@ -75,7 +75,7 @@ def main() -> int:
         for name in peers:
             upscaler = NcnnUpscaler(name)
             networks[name] = lambda lr, upscaler=upscaler: (
-                tensor_to_rgb(torch.from_numpy(upscaler.upscale(lr[0].numpy())).clamp_(0, 1)), None)
+                tensor_to_rgb(torch.from_numpy(upscaler.upscale(lr[0].numpy()))), None)
 
     def ours(lr: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         sr, kernel = model.run(lr, [args.seed], options)

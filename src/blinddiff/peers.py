@@ -260,7 +260,7 @@ class NcnnUpscaler:
             return np.array(out, dtype=np.float32)  # a copy, before the extractor frees it
 
     def upscale(self, rgb: np.ndarray, condition: np.ndarray | None = None) -> np.ndarray:
-        """float32 RGB [3, h, w] in [0, 1] (+ per-image constants for SRMD) → [3, 4h, 4w], tiled."""
+        """float32 RGB [3, h, w] in [0, 1] (+ per-image constants for SRMD) → [3, 4h, 4w] in [0, 1], tiled."""
         spec, s = self.spec, self.scale
         _, height, width = rgb.shape
         c = spec.context
@@ -276,12 +276,12 @@ class NcnnUpscaler:
                 result = self._forward(tile)
                 out[:, top * s:(top + h) * s, left * s:(left + w) * s] = result[:, c * s:(c + h) * s,
                                                                                 c * s:(c + w) * s]
-        return out
+        return np.clip(out, 0, 1, out=out)
 
 
 def _upscale_batch(model: NcnnUpscaler, lr: torch.Tensor, conditions: Sequence[np.ndarray | None]) -> torch.Tensor:
     images = [model.upscale(lr[i].float().numpy(), conditions[i]) for i in range(lr.shape[0])]
-    return torch.from_numpy(np.stack(images)).clamp_(0, 1)
+    return torch.from_numpy(np.stack(images))
 
 
 def peer_producers(methods: Sequence[str], scale: int, *, gt_kernel: Callable[[dict], np.ndarray],
