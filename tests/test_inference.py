@@ -183,16 +183,29 @@ def test_modes_name_the_two_ends_and_flags_override_them():
 
 
 # The settings each shipped model name stands for (README "The paper's other settings").
-SHIPPED_SETTINGS = {"fast-x4": ("iso", 4), "aniso-x4": ("aniso", 4)}
+SHIPPED_SETTINGS = {"fast-x4": ("iso", 4), "aniso-x4": ("aniso", 4), "deblur-motion": ("motion", 1)}
 
 
 def test_shipped_models_load_and_match_their_names() -> None:
-    from blinddiff.inference import DEFAULT_WEIGHTS, WEIGHTS_DIR, resolve_weights, shipped_weights
+    from blinddiff.inference import DEFAULT_DEBLUR_WEIGHTS, DEFAULT_WEIGHTS, WEIGHTS_DIR, resolve_weights, shipped_weights
 
     registry = shipped_weights()
-    assert DEFAULT_WEIGHTS in registry and set(registry) == set(SHIPPED_SETTINGS)
+    assert {DEFAULT_WEIGHTS, DEFAULT_DEBLUR_WEIGHTS} <= set(registry) and set(registry) == set(SHIPPED_SETTINGS)
     for name in registry:
         path = resolve_weights(name)  # checks the recorded sha256
         assert path.parent == WEIGHTS_DIR and path.stat().st_size <= 10 * 1024 * 1024
         model = BlindDiff.from_pretrained(name, device="cpu")
         assert (model.cfg.data.setting, model.scale) == SHIPPED_SETTINGS[name]
+
+
+def test_deblur_runs_the_shipped_scale_1_model_by_default(tmp_path: Path, capsys) -> None:
+    blurry = tmp_path / "in" / "blurry.png"
+    blurry.parent.mkdir()
+    Image.fromarray(sample_rgb(40, 56)).save(blurry)
+    assert main(["deblur", str(blurry), "--out", str(tmp_path / "sharp"), "--steps", "1", "--no-progress"]) == 0
+    assert Image.open(tmp_path / "sharp" / "blurry.png").size == (56, 40)  # scale 1: same size
+    kernel = np.load(tmp_path / "sharp" / "blurry_kernel.npy")
+    assert kernel.shape == (64, 64) and abs(kernel.sum() - 1) < 1e-3
+    # A ×4 model is refused with the fix named, and nothing is written.
+    assert main(["deblur", str(blurry), "--out", str(tmp_path / "x4"), "--weights", "fast-x4", "--no-progress"]) == 2
+    assert "deblur-motion" in capsys.readouterr().err and not (tmp_path / "x4").exists()

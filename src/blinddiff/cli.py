@@ -212,15 +212,16 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return report(outcome.problems, args)
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+def add_sampling_options(parser: argparse.ArgumentParser, default_weights: str | None = None) -> None:
     """Weights, device and reverse-process options shared by `upscale`, `deblur` and `benchmark`."""
     from .hardware import PRECISIONS
     from .inference import DEFAULT_WEIGHTS, MODES, SampleOptions
     from .sampling import GRADIENTS, GUIDANCE, SAMPLERS
 
+    default_weights = default_weights or DEFAULT_WEIGHTS
     perceptual, fidelity = SampleOptions.for_mode("perceptual"), SampleOptions.for_mode("fidelity")
-    parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                        help=f"a .safetensors file or a shipped model name (default {DEFAULT_WEIGHTS})")
+    parser.add_argument("--weights", default=default_weights,
+                        help=f"a .safetensors file or a shipped model name (default {default_weights})")
     parser.add_argument("--config", default=None, help="config for weights without one (.pt files)")
     parser.add_argument("--allow-pt", action="store_true", help="read .pt/.pth weights (with weights_only=True)")
     parser.add_argument("--mode", choices=tuple(MODES), default="perceptual",
@@ -304,15 +305,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=cmd_export)
 
 
-def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
+def add_upscale_arguments(parser: argparse.ArgumentParser, default_weights: str | None = None) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
-    add_sampling_options(parser)
+    add_sampling_options(parser, default_weights)
     parser.add_argument("--suffix", default="", help="appended to output stems, e.g. _x4")
     parser.add_argument("--ext", choices=("png", "jpg", "auto"), default="auto", help="auto keeps JPEG as JPEG")
     parser.add_argument("--save-trajectory", action="store_true", help="save x̂0 and k̂ of every step")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=cmd_upscale)
+
+
+def add_deblur_arguments(parser: argparse.ArgumentParser) -> None:
+    from .inference import DEFAULT_DEBLUR_WEIGHTS
+
+    add_upscale_arguments(parser, DEFAULT_DEBLUR_WEIGHTS)
 
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -371,7 +378,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "upscale": ("blind super-resolution of images (MAP reverse process)",
                 "Blind SR: estimates the kernel and the HR image together (SPEC §5).", add_upscale_arguments),
     "deblur": ("blind deblurring with a scale-1 model",
-               "Blind deblurring: `upscale` with a scale-1 (paper-deblur) model.", add_upscale_arguments),
+               "Blind deblurring: `upscale` with a scale-1 model (default: the shipped deblur-motion).",
+               add_deblur_arguments),
     "info": ("parameters and GFLOPs of a config's network",
              "Parameter counts (total and per part) and GFLOPs of one forward.", add_info_arguments),
     "evaluate": ("score SR results of a test set (PSNR/SSIM/LPIPS/DISTS/NIQE/FID/kernels)",

@@ -29,6 +29,7 @@ from .model import MCFormer
 from .sampling import check_options, data_term, known_kernel, sample, sampling_chain, tiled
 
 DEFAULT_WEIGHTS = "fast-x4"
+DEFAULT_DEBLUR_WEIGHTS = "deblur-motion"  # `blinddiff deblur` (scale 1, BlindDPS motion blur)
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
 MIN_LR_SIZE = 8  # LR pixels per side; smaller inputs carry too little to estimate a kernel from
 MAX_UNTILED_PIXELS = 1024 * 1024  # HR pixels processed in one piece before --tile is required
@@ -268,7 +269,7 @@ class BlindDiff:
         """Deblurring needs a scale-1 model; raise a clear error otherwise."""
         if self.scale != 1:
             raise ValueError(f"these weights upscale ×{self.scale}; deblurring needs a scale-1 model "
-                             f"(e.g. trained with the paper-deblur preset)")
+                             f"(e.g. the shipped {DEFAULT_DEBLUR_WEIGHTS!r}, `deblur`'s default)")
 
     def upscale_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
         """An alpha channel [B, 1, h, w] resized ×s with MATLAB bicubic (not through the diffusion model)."""
