@@ -1,8 +1,12 @@
 """Throughput of training-data degradation (SPEC §2): HR patches → blurred, ×1/s, quantised LR.
 
 Default case = the training hot path: 32 × 3 × 128² HR patches, one random isotropic 21×21
-Gaussian per patch, MATLAB bicubic ×1/4, 8-bit quantisation. Prints the median (and best) time per
-batch and patches/s of each stage after a warm-up.
+Gaussian per patch, MATLAB bicubic ×1/4, 8-bit quantisation; then the stages of the real-world model
+(`degrade_real`, data.setting real): its kernel zoo, per-image JPEG through Pillow and the whole
+second-order chain with the training settings. The patches are uniform noise low-passed by a σ 1.5
+Gaussian, so JPEG sees image-like content (its speed depends on it). Prints the median (and best) time
+per batch and patches/s of each stage after a warm-up; `training_throughput.py` gives the share of a
+training step.
 
     python benchmarks/degradation_throughput.py [--batch 32 --size 128 --kernel-size 21 --scale 4]
 """
@@ -16,7 +20,8 @@ from collections.abc import Callable
 import torch
 from timing import time_calls
 
-from blinddiff.degradation import blur, degrade, downsample, quantize
+from blinddiff.degradation import RealDegradation, blur, degrade, degrade_real, downsample, jpeg, quantize
+from blinddiff.kernels import isotropic_gaussian, sample_real_kernels
 
 
 def gaussian_kernels(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -44,7 +49,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(0)
-    hr = torch.rand(args.batch, 3, args.size, args.size, generator=generator).to(device, dtype)
+    noise = torch.rand(args.batch, 3, args.size, args.size, generator=generator)
+    hr = blur(noise, isotropic_gaussian(1.5, 9)).to(device, dtype)
     kernels = gaussian_kernels(args.batch, args.kernel_size, generator).to(device, dtype)
     blurred = blur(hr, kernels)
 
@@ -59,6 +65,11 @@ def main() -> None:
          lambda: degrade(hr, kernels, args.scale)),
         (f"degrade (direct x1/{args.scale}, strided blur, quantize)",
          lambda: degrade(hr, kernels, args.scale, downsample="direct")),
+        ("real-world kernels (6 families, random supports)",
+         lambda: sample_real_kernels(args.batch, args.kernel_size, generator=generator)),
+        ("JPEG q 60, Pillow, per image (HR size)", lambda: jpeg(hr, 60)),
+        (f"degrade_real (training settings, x1/{args.scale})",
+         lambda: degrade_real(hr, RealDegradation(), args.scale, args.kernel_size, generator)),
     ]
     print(f"batch {args.batch} x 3 x {args.size}^2, kernels {args.kernel_size}^2 per sample, "
           f"scale {args.scale}, {args.dtype} on {device}, {torch.get_num_threads()} threads, "

@@ -10,18 +10,18 @@ so a resumed run sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .degradation import degrade
+from .degradation import RealDegradation, degrade, degrade_real
 from .fileio import ImageError, check_decodes, find_images, image_size, read_rgb
 from .kernels import sample_training_kernels
 
-SETTINGS = ("iso", "aniso", "motion")
+SETTINGS = ("iso", "aniso", "motion", "real")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DataConfig:
 
     root: str = "${BLINDDIFF_DATA:-../shared/data}/train"  # ${VAR:-default} is expanded when read
     crop: int = 128  # HR patch size
-    setting: str = "iso"  # "iso" (setting 1) | "aniso" (setting 2) | "motion" (deblurring)
+    setting: str = "iso"  # "iso" (setting 1) | "aniso" (setting 2) | "motion" (deblurring) | "real" (photos)
     scale: int = 4  # 1 = deblurring
     kernel_size: int = 21
     downsample: str = "bicubic"  # "bicubic" (the release, DAN/IKC benchmarks) | "direct" (paper Eq. 1)
@@ -38,6 +38,7 @@ class DataConfig:
     skip_bad: bool = False  # skip unreadable / too small images with a warning instead of failing
     cache: bool = False  # keep decoded images in memory
     workers: int = 0  # DataLoader worker processes
+    real: RealDegradation = field(default_factory=RealDegradation)  # the pipeline of setting "real"
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -46,6 +47,9 @@ class DataConfig:
             raise ValueError(f"data.crop {self.crop} must be ≥ 8 and a multiple of data.scale {self.scale}")
         if self.scale < 1:
             raise ValueError(f"data.scale {self.scale} is invalid; use an integer ≥ 1 (1 = deblurring)")
+        if self.setting == "real" and self.downsample != "bicubic":
+            raise ValueError(f"data.downsample {self.downsample!r}: setting real resizes by its own random modes; "
+                             "use the default bicubic")
         if not 0 <= self.noise < 1:
             raise ValueError(f"data.noise {self.noise} is invalid; use a standard deviation in [0, 1), e.g. 0.02")
         if self.workers < 0:
@@ -128,22 +132,27 @@ class HRPatches(Dataset):
 
 
 class TrainingDegradation:
-    """Turn a batch of HR patches into (hr, lr, kernel) on the patches' device (SPEC §2 training settings)."""
+    """Turn a batch of HR patches into (hr, lr, kernel) on the patches' device (SPEC §2 training settings;
+    setting "real": the real-world model of `degradation.degrade_real`, whose kernel is the first-order blur)."""
 
     def __init__(self, setting: str = "iso", scale: int = 4, kernel_size: int = 21,
-                 downsample: str = "bicubic", noise: float = 0.0) -> None:
+                 downsample: str = "bicubic", noise: float = 0.0, real: RealDegradation | None = None) -> None:
         if setting not in SETTINGS:
             raise ValueError(f"degradation setting {setting!r} is unknown; use one of {', '.join(SETTINGS)}")
         self.setting, self.scale, self.kernel_size = setting, scale, kernel_size
         self.downsample, self.noise = downsample, noise
+        self.real = real if real is not None else RealDegradation()
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "TrainingDegradation":
-        return cls(cfg.setting, cfg.scale, cfg.kernel_size, cfg.downsample, cfg.noise)
+        return cls(cfg.setting, cfg.scale, cfg.kernel_size, cfg.downsample, cfg.noise, cfg.real)
 
     def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # hr [B, C, H, W] → lr [B, C, H/s, W/s] (uint8 grid), kernel [B, k, k]
+        if self.setting == "real":
+            degraded = degrade_real(hr, self.real, self.scale, self.kernel_size, generator)
+            return hr, degraded.lr, degraded.kernel
         kernels = sample_training_kernels(self.setting, hr.shape[0], self.kernel_size,
                                           generator=generator, device=hr.device)
         lr = degrade(hr, kernels, self.scale, downsample=self.downsample, noise_sigma=self.noise,

@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -38,13 +40,24 @@ from torch import Tensor
 
 __all__ = [
     "DOWNSAMPLE_MODES",
+    "RESIZE_MODES",
+    "STAGES",
+    "DegradationOrder",
+    "RealDegradation",
+    "RealDegraded",
     "add_gaussian_noise",
+    "add_poisson_noise",
     "blur",
     "check_scale",
     "degrade",
+    "degrade_real",
     "downsample",
+    "estimate_noise_level",
+    "jpeg",
     "matlab_bicubic_resize",
     "quantize",
+    "real_test_degradation",
+    "resize",
     "upsample_bicubic",
 ]
 
@@ -352,6 +365,47 @@ def add_gaussian_noise(images: Tensor, sigma: float | Tensor,
     return images + sigma * noise.to(device=images.device, dtype=images.dtype)
 
 
+NOISE_PATCH = 7  # patch side of estimate_noise_level
+
+
+def estimate_noise_level(images: Tensor, *, patch: int = NOISE_PATCH, weak_fraction: float = 0.3,
+                         max_patches: int = 20000) -> Tensor:
+    """Blind estimate of the noise σ [B] (0–255 scale) of images [B, C, H, W] in [0, 1]: the PCA estimator
+    of Chen, Zhu & Heng (ICCV 2015) on weak-texture patches (the idea of Liu, Tanaka & Okutomi 2013). Per
+    channel, of all patch×patch patches (at most ``max_patches``, evenly strided) the ``weak_fraction`` of
+    lowest variance are kept; their covariance has eigenvalues λ₁ ≤ … ≤ λ_d, and the noise variance is the
+    mean of the largest set of smallest eigenvalues {λ₁ … λ_m} whose mean is also their median (the
+    eigenvalues only noise explains); σ² is averaged over the channels, so grey (luminance) and colour
+    noise are both measured. Measured on LR images (docs/results.md, "Real photos"): within 0.5 of white
+    Gaussian σ 3–8, ≤ 2 on clean 8-bit images, but about half the level of resized, JPEG-compressed
+    (correlated) noise."""
+    _check_images(images)
+    batch, channels, height, width = images.shape
+    if min(height, width) < patch:
+        raise ValueError(f"images of {height}×{width} are smaller than the {patch}×{patch} noise-estimation patch")
+    x = images.detach().float().reshape(batch * channels, 1, height, width) * 255
+    positions = (height - patch + 1) * (width - patch + 1)
+    stride = max(1, math.ceil(math.sqrt(positions / max_patches)))
+    columns = F.unfold(x, patch, stride=stride)  # [BC, p², L]
+    dimension = columns.shape[1]
+    keep = min(columns.shape[2], max(4 * dimension, int(weak_fraction * columns.shape[2])))
+    weakest = columns.var(dim=1).argsort(dim=1)[:, :keep]
+    columns = torch.gather(columns, 2, weakest[:, None, :].expand(-1, dimension, -1))
+    centred = columns - columns.mean(dim=2, keepdim=True)
+    covariance = centred @ centred.transpose(1, 2) / max(columns.shape[2] - 1, 1)
+    eigenvalues = torch.linalg.eigvalsh(covariance.double()).clamp_min(0)  # ascending [BC, d]
+    counts = torch.arange(1, dimension + 1, dtype=torch.float64)
+    means = torch.cumsum(eigenvalues, dim=1) / counts  # mean of the m smallest
+    medians = torch.stack([eigenvalues[:, (m - 1) // 2] if m % 2 else
+                           (eigenvalues[:, m // 2 - 1] + eigenvalues[:, m // 2]) / 2
+                           for m in range(1, dimension + 1)], dim=1)
+    # largest m whose mean does not exceed its median (a noise-only tail is symmetric)
+    noise_only = means <= medians + 1e-12
+    last = dimension - 1 - torch.argmax(noise_only.flip(1).to(torch.int8), dim=1)
+    variance = means.gather(1, last[:, None])[:, 0]
+    return variance.reshape(batch, channels).mean(dim=1).sqrt().to(torch.float32)
+
+
 def _quantize(images: Tensor) -> Tensor:
     return torch.round(images.clamp(0, 1) * 255) / 255
 
@@ -385,3 +439,336 @@ def degrade(hr: Tensor, kernels: Tensor, scale: int, downsample: str = "bicubic"
     if isinstance(noise_sigma, Tensor) or noise_sigma != 0:
         lr = add_gaussian_noise(lr, noise_sigma, generator=generator)
     return _quantize(lr) if quantize else lr
+
+
+# --------------------------------------------------------------------------------------------
+# Real-world degradations (docs/method.md, "Real photos"): Real-ESRGAN's second-order model
+# --------------------------------------------------------------------------------------------
+
+STAGES = ("blur", "resize", "noise", "jpeg")
+RESIZE_MODES = ("area", "bilinear", "bicubic")
+
+
+def _check_interval(key: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
+    """A (lo, hi) pair with low ≤ lo ≤ hi ≤ high, or a one-line error naming the key and the range."""
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2 or not all(math.isfinite(v) for v in pair) or not low <= pair[0] <= pair[1] <= high:
+        raise ValueError(f"{key} {list(value)} is out of range; use [lo, hi] with {low:g} ≤ lo ≤ hi ≤ {high:g}")
+    return pair
+
+
+def _check_probability(key: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise ValueError(f"{key} {value!r} is out of range; use a probability in [0, 1]")
+
+
+def _check_weights(key: str, value: Sequence[float], count: int, names: Sequence[str]) -> None:
+    if len(value) != count or not all(math.isfinite(v) and v >= 0 for v in value) or not sum(value) > 0:
+        raise ValueError(f"{key} {list(value)} is invalid; give {count} non-negative weights, one per "
+                         f"{' / '.join(names)}, not all 0")
+
+
+@dataclass
+class DegradationOrder:
+    """One order of the real-world model: blur, random resize, noise, JPEG (Real-ESRGAN, Wang et al. 2021).
+
+    Noise σ is on the 0–255 scale, as Real-ESRGAN and BSRGAN give it; `gaussian_noise_prob` chooses
+    Gaussian over Poisson noise, `gray_noise_prob` one noise map for all channels (luminance noise)."""
+
+    stages: tuple[str, ...] = STAGES  # applied in this order (see RealDegradation.shuffle)
+    blur_prob: float = 1.0
+    kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # kernels.REAL_KERNEL_KINDS
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    betag_range: tuple[float, float] = (0.5, 4.0)
+    betap_range: tuple[float, float] = (1.0, 2.0)
+    resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
+    resize_range: tuple[float, float] = (0.5, 1.5)
+    resize_modes: tuple[str, ...] = RESIZE_MODES  # drawn uniformly
+    gaussian_noise_prob: float = 0.5
+    noise_range: tuple[float, float] = (1.0, 15.0)  # Gaussian σ, 0–255 scale
+    poisson_scale_range: tuple[float, float] = (0.05, 1.5)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple[int, int] = (35, 95)
+
+    def check(self, key: str) -> None:
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ValueError(f"{key}.stages: {stage!r} is not a stage; use some of {', '.join(STAGES)}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"{key}.stages {list(self.stages)} names a stage twice; name each at most once")
+        for name in ("blur_prob", "gaussian_noise_prob", "gray_noise_prob"):
+            _check_probability(f"{key}.{name}", getattr(self, name))
+        from .kernels import REAL_KERNEL_KINDS
+
+        _check_weights(f"{key}.kernel_probs", self.kernel_probs, len(REAL_KERNEL_KINDS), REAL_KERNEL_KINDS)
+        _check_weights(f"{key}.resize_probs", self.resize_probs, 3, ("up", "down", "keep"))
+        _check_interval(f"{key}.blur_sigma", self.blur_sigma, 0.1, 10.0)
+        _check_interval(f"{key}.betag_range", self.betag_range, 0.1, 8.0)
+        _check_interval(f"{key}.betap_range", self.betap_range, 0.1, 8.0)
+        _check_interval(f"{key}.resize_range", self.resize_range, 0.1, 4.0)
+        _check_interval(f"{key}.noise_range", self.noise_range, 0.0, 100.0)
+        _check_interval(f"{key}.poisson_scale_range", self.poisson_scale_range, 0.0, 10.0)
+        _check_interval(f"{key}.jpeg_range", self.jpeg_range, 1, 100)
+        if not self.resize_modes or any(mode not in RESIZE_MODES for mode in self.resize_modes):
+            raise ValueError(f"{key}.resize_modes {list(self.resize_modes)} is invalid; use some of "
+                             f"{', '.join(RESIZE_MODES)}")
+
+
+def _second_order() -> DegradationOrder:
+    return DegradationOrder(blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3),
+                            resize_range=(0.7, 1.2), noise_range=(1.0, 10.0), poisson_scale_range=(0.05, 1.0))
+
+
+@dataclass
+class RealDegradation:
+    """The real-world degradation model (Real-ESRGAN's second-order pipeline, BSRGAN's shuffle as an option).
+
+    A sample is, with probability `clean_fraction`, degraded by the paper's protocol (isotropic Gaussian
+    σ ~ U(0.2, 4), MATLAB bicubic ↓s, 8 bits; SPEC §2 setting 1); otherwise by `first`, then (with
+    `second_order_prob`) `second`, then the final stage: resize to H/s × W/s (random mode), then a sinc
+    filter (prob `final_sinc_prob`) and JPEG (prob `final_jpeg_prob`, quality `final_jpeg_range`) in
+    random order, then 8 bits. The
+    kernel head learns the first-order kernel (docs/method.md explains why). `shuffle` draws a new
+    order of each order's stages per batch (BSRGAN)."""
+
+    clean_fraction: float = 0.3
+    first: DegradationOrder = field(default_factory=DegradationOrder)
+    second_order_prob: float = 0.5
+    second: DegradationOrder = field(default_factory=_second_order)
+    shuffle: bool = False
+    final_sinc_prob: float = 0.5
+    final_jpeg_prob: float = 1.0
+    final_jpeg_range: tuple[int, int] = (35, 95)
+
+    def __post_init__(self) -> None:
+        self.check("data.real")
+
+    def check(self, key: str) -> None:
+        for name in ("clean_fraction", "second_order_prob", "final_sinc_prob", "final_jpeg_prob"):
+            _check_probability(f"{key}.{name}", getattr(self, name))
+        _check_interval(f"{key}.final_jpeg_range", self.final_jpeg_range, 1, 100)
+        self.first.check(f"{key}.first")
+        self.second.check(f"{key}.second")
+
+
+def real_test_degradation() -> RealDegradation:
+    """The held-out synthetic real-world protocol (`make-benchmark --protocol real`): every case real-world
+    (no clean fraction), noise σ up to 12 and JPEG quality 35–90 in every stage."""
+    orders = {name: replace(order, noise_range=(1.0, min(12.0, order.noise_range[1])), jpeg_range=(35, 90))
+              for name, order in (("first", DegradationOrder()), ("second", _second_order()))}
+    return RealDegradation(clean_fraction=0.0, final_jpeg_range=(35, 90), **orders)
+
+
+@dataclass
+class RealDegraded:
+    """What :func:`degrade_real` returns: LR [B, C, h, w] on the 8-bit grid, the first-order kernel
+    [B, k, k], the effective noise level [B] (RMS of LR minus the same chain without noise and JPEG,
+    0–255 scale; only with ``measure_noise``) and whether each sample took the clean protocol [B]."""
+
+    lr: Tensor
+    kernel: Tensor
+    noise_sigma: Tensor | None
+    clean: Tensor
+
+
+def _uniform(generator: torch.Generator | None, batch: int, interval: Sequence[float]) -> Tensor:
+    low, high = float(interval[0]), float(interval[1])
+    draws = torch.rand(batch, generator=generator, device=_device_of(generator), dtype=torch.float64)
+    return (low + (high - low) * draws).cpu()
+
+
+def _choice(generator: torch.Generator | None, weights: Sequence[float]) -> int:
+    total = torch.as_tensor([float(w) for w in weights], dtype=torch.float64)
+    u = float(_uniform(generator, 1, (0.0, 1.0))[0])
+    return int(torch.searchsorted(torch.cumsum(total / total.sum(), 0), torch.tensor([u], dtype=torch.float64),
+                                  right=True).clamp_max(len(weights) - 1))
+
+
+def _bernoulli(generator: torch.Generator | None, batch: int, p: float) -> Tensor:
+    return _uniform(generator, batch, (0.0, 1.0)) < p
+
+
+def _plan_order(order: DegradationOrder, batch: int, kernel_size: int, shuffle: bool,
+                generator: torch.Generator | None) -> list[tuple[str, dict]]:
+    """Every random choice of one order, drawn up front so the chain can be replayed without noise."""
+    from .kernels import sample_real_kernels
+
+    stages = list(order.stages)
+    if shuffle:
+        order_of = torch.randperm(len(stages), generator=generator, device=_device_of(generator)).tolist()
+        stages = [stages[i] for i in order_of]
+    plan = []
+    for stage in stages:
+        if stage == "blur":
+            kernels = sample_real_kernels(batch, kernel_size, order.kernel_probs, order.blur_sigma,
+                                          order.betag_range, order.betap_range, generator=generator)
+            plan.append(("blur", {"kernel": kernels, "apply": _bernoulli(generator, batch, order.blur_prob)}))
+        elif stage == "resize":
+            direction = _choice(generator, order.resize_probs)
+            low, high = order.resize_range
+            factor = float(_uniform(generator, 1, (max(1.0, low), high) if direction == 0 else
+                                    (low, min(1.0, high)) if direction == 1 else (1.0, 1.0))[0])
+            mode = order.resize_modes[_choice(generator, [1.0] * len(order.resize_modes))]
+            plan.append(("resize", {"factor": factor, "mode": mode}))
+        elif stage == "noise":
+            plan.append(("noise", {"gaussian": _bernoulli(generator, batch, order.gaussian_noise_prob),
+                                   "sigma": _uniform(generator, batch, order.noise_range) / 255.0,
+                                   "poisson_scale": _uniform(generator, batch, order.poisson_scale_range),
+                                   "gray": _bernoulli(generator, batch, order.gray_noise_prob)}))
+        else:
+            plan.append(("jpeg", {"quality": _uniform(generator, batch, order.jpeg_range).round().long()}))
+    return plan
+
+
+def resize(images: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """Resize [B, C, H, W] to ``size`` with ``F.interpolate`` (area, bilinear or bicubic, no antialiasing:
+    the aliasing of cheap camera and web resamplers is part of what real photos carry)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode {mode!r} is unknown; use one of {', '.join(RESIZE_MODES)}")
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(images, size=size, mode=mode, **kwargs)
+
+
+def add_poisson_noise(images: Tensor, scale: float | Tensor, gray: bool | Tensor = False,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Shot noise: (Poisson(255·x)/255 − x)·scale added to x, per channel or (``gray``) one map from the
+    luminance for all channels; ``scale`` and ``gray`` are scalars or [B]. Its variance grows linearly with
+    the intensity (σ² = scale²·x/255), as a sensor's."""
+    _check_images(images)
+    batch = images.shape[0]
+    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).expand(batch)
+    gray = torch.as_tensor(gray, dtype=torch.bool).reshape(-1).expand(batch)
+    x = images.clamp(0, 1).float()
+    if images.shape[1] == 3:
+        luma = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    else:
+        luma = x.mean(1, keepdim=True)
+    noise = torch.empty_like(x)
+    for where, source in ((~gray, x), (gray, luma)):  # draw only the maps that are used
+        index = torch.nonzero(where).flatten()
+        if index.numel():
+            rate = (source[index.to(x.device)] * 255).to(_device_of(generator, x.device))
+            shot = torch.poisson(rate, generator=generator).to(x.device) / 255 - source[index.to(x.device)]
+            noise[index.to(x.device)] = shot.expand(-1, x.shape[1], -1, -1)
+    return images + (scale.to(x.device).view(-1, 1, 1, 1) * noise).to(images.dtype)
+
+
+def _gaussian_noise(images: Tensor, sigma: Tensor, gray: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, σ²) per channel, or (``gray``) one map for all channels; σ and gray per image [B]."""
+    noise = torch.randn(images.shape, generator=generator, device=_device_of(generator, images.device))
+    noise = noise.to(images.device)
+    noise = torch.where(gray.to(images.device).view(-1, 1, 1, 1), noise[:, :1].expand_as(noise), noise)
+    return images + (sigma.to(images.device, torch.float32).view(-1, 1, 1, 1) * noise).to(images.dtype)
+
+
+def jpeg(images: Tensor, quality: int | Tensor) -> Tensor:
+    """Real JPEG compression, per image at ``quality`` (an int or [B] ints in 1…100): encoded and decoded by
+    libjpeg through Pillow (4:2:0 chroma subsampling, Pillow's default); returns the 8-bit decoded images
+    as floats in [0, 1]. Not differentiable."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    _check_images(images)
+    batch = images.shape[0]
+    qualities = torch.as_tensor(quality).reshape(-1).expand(batch).tolist()
+    if not all(1 <= int(q) <= 100 for q in qualities):
+        raise ValueError(f"JPEG quality {qualities} is out of range; use integers in [1, 100]")
+    pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for array, q in zip(pixels, qualities):
+        grey = array.shape[-1] == 1
+        buffer = BytesIO()
+        Image.fromarray(array[..., 0] if grey else array).save(buffer, format="JPEG", quality=int(q))
+        decoded = np.asarray(Image.open(BytesIO(buffer.getvalue())).convert("L" if grey else "RGB"))
+        out.append(torch.from_numpy(decoded.reshape(array.shape).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype) / 255
+
+
+def _apply_plan(x: Tensor, plan: list[tuple[str, dict]], noisy: bool, generator: torch.Generator | None) -> Tensor:
+    for stage, params in plan:
+        if stage == "blur":
+            blurred = blur(x, params["kernel"].to(x.device, x.dtype))
+            x = torch.where(params["apply"].to(x.device).view(-1, 1, 1, 1), blurred, x)
+        elif stage == "resize":
+            height, width = x.shape[-2:]
+            size = (max(1, round(height * params["factor"])), max(1, round(width * params["factor"])))
+            x = resize(x, size, params["mode"]).clamp(0, 1)
+        elif stage == "noise" and noisy:
+            gaussian, noisy_x = params["gaussian"], x.clone()
+            for where, add in ((gaussian, lambda v, i: _gaussian_noise(v, params["sigma"][i], params["gray"][i],
+                                                                        generator)),
+                               (~gaussian, lambda v, i: add_poisson_noise(v, params["poisson_scale"][i],
+                                                                          params["gray"][i], generator))):
+                index = torch.nonzero(where).flatten()
+                if index.numel():
+                    noisy_x[index.to(x.device)] = add(x[index.to(x.device)], index)
+            x = noisy_x.clamp(0, 1)
+        elif stage == "jpeg" and noisy:
+            compressed = jpeg(x, params["quality"])
+            x = compressed if "apply" not in params else \
+                torch.where(params["apply"].to(x.device).view(-1, 1, 1, 1), compressed, x)
+        elif stage == "sinc":
+            filtered = blur(x, params["kernel"].to(x.device, x.dtype)).clamp(0, 1)
+            x = torch.where(params["apply"].to(x.device).view(-1, 1, 1, 1), filtered, x)
+    return x
+
+
+def degrade_real(hr: Tensor, settings: RealDegradation, scale: int, kernel_size: int = 21,
+                 generator: torch.Generator | None = None, *, measure_noise: bool = False) -> RealDegraded:
+    """Degrade a batch of HR images [B, C, H, W] by the real-world model `settings` (:class:`RealDegradation`)
+    to LR [B, C, ceil(H/s), ceil(W/s)] on the 8-bit grid. Resize factors and modes are drawn per batch (the
+    shapes must agree), everything else per image; the same generator state gives the same bytes."""
+    from .kernels import sample_isotropic, sinc_kernel
+
+    _check_images(hr, "hr")
+    scale = check_scale(scale)
+    batch, _, height, width = hr.shape
+    target = (math.ceil(height / scale), math.ceil(width / scale))
+    clean = _bernoulli(generator, batch, settings.clean_fraction)
+    clean_kernels = sample_isotropic(batch, kernel_size, generator=generator)
+    plan = _plan_order(settings.first, batch, kernel_size, settings.shuffle, generator)
+    if bool(_bernoulli(generator, 1, settings.second_order_prob)[0]):
+        plan += _plan_order(settings.second, batch, kernel_size, settings.shuffle, generator)
+    cutoff = torch.where(_bernoulli(generator, batch, 0.5),
+                         _uniform(generator, batch, (math.pi / 3, math.pi)),
+                         _uniform(generator, batch, (math.pi / 5, math.pi))).float()
+    sinc = ("sinc", {"kernel": sinc_kernel(cutoff, kernel_size),
+                     "apply": _bernoulli(generator, batch, settings.final_sinc_prob)})
+    final_jpeg = ("jpeg", {"quality": _uniform(generator, batch, settings.final_jpeg_range).round().long(),
+                           "apply": _bernoulli(generator, batch, settings.final_jpeg_prob)})
+    mode = RESIZE_MODES[_choice(generator, [1.0] * len(RESIZE_MODES))]
+    final = [sinc, final_jpeg] if bool(_bernoulli(generator, 1, 0.5)[0]) else [final_jpeg, sinc]
+
+    def chain(noisy: bool) -> Tensor:
+        x = _apply_plan(hr, plan, noisy, generator)
+        x = resize(x, target, mode).clamp(0, 1)
+        return _quantize(_apply_plan(x, final, noisy, generator))
+
+    first_blur = next((p for s, p in plan if s == "blur"), None)
+    real_kernels = first_blur["kernel"] if first_blur is not None else None
+    lr = chain(True)
+    noise_sigma = None
+    if measure_noise:
+        noise_sigma = 255 * (lr - chain(False)).flatten(1).square().mean(1).sqrt()
+    if bool(clean.any()):
+        paper = _quantize(matlab_bicubic_resize(blur(hr, clean_kernels.to(hr.device, hr.dtype)), size=target))
+        lr = torch.where(clean.to(hr.device).view(-1, 1, 1, 1), paper, lr)
+        if noise_sigma is not None:
+            noise_sigma = torch.where(clean.to(noise_sigma.device), torch.zeros_like(noise_sigma), noise_sigma)
+    identity = torch.zeros(batch, kernel_size, kernel_size)
+    identity[:, kernel_size // 2, kernel_size // 2] = 1
+    # a first order without a blur stage (or a skipped blur) has the identity as its first-order kernel
+    if real_kernels is None:
+        real_kernels = identity
+    else:
+        real_kernels = torch.where(first_blur["apply"].view(-1, 1, 1), real_kernels, identity)
+    kernels = torch.where(clean.view(-1, 1, 1), clean_kernels, real_kernels).to(hr.device)
+    return RealDegraded(lr, kernels, noise_sigma, clean)
+
+
+def _device_of(generator: torch.Generator | None, default: torch.device | str = "cpu") -> torch.device:
+    """Where random numbers are drawn: the generator's device, else ``default``."""
+    return generator.device if generator is not None else torch.device(default)

@@ -24,6 +24,7 @@ __all__ = [
     "GAUSSIAN8_SIGMAS",
     "KERNEL_FILE_SUFFIXES",
     "TRAINING_SETTINGS",
+    "REAL_KERNEL_KINDS",
     "KernelPCA",
     "anisotropic_gaussian",
     "fit_kernel_pca",
@@ -33,8 +34,11 @@ __all__ = [
     "load_kernels",
     "motion_blur",
     "parse_kernel_spec",
+    "shaped_kernels",
+    "sinc_kernel",
     "sample_anisotropic",
     "sample_isotropic",
+    "sample_real_kernels",
     "sample_training_kernels",
 ]
 
@@ -179,17 +183,21 @@ def anisotropic_gaussian(
     )
     _check_positive("sigma_x", sx)
     _check_positive("sigma_y", sy)
+    kernels = _normalise(torch.exp(-0.5 * _quadratic_form(sx, sy, th, size)))
+    if noise > 0:
+        jitter = _rand(kernels.shape, generator).to(kernels.device)
+        kernels = _normalise(kernels * (1 + noise * jitter))
+    return kernels
+
+
+def _quadratic_form(sx: Tensor, sy: Tensor, th: Tensor, size: int) -> Tensor:
+    """vᵀΣ⁻¹v on the k×k tap grid ``[B, k, k]``, Σ = R(θ) diag(σx², σy²) R(θ)ᵀ (see :func:`anisotropic_gaussian`)."""
     r = _offsets(size, sx.device)
     x, y = r[None, None, :], r[None, :, None]  # column offset, row offset
     cos, sin = torch.cos(th)[:, None, None], torch.sin(th)[:, None, None]
     along = cos * x + sin * y  # coordinates in the kernel's principal frame: R(θ)ᵀ v
     across = -sin * x + cos * y
-    q = (along / sx[:, None, None]) ** 2 + (across / sy[:, None, None]) ** 2
-    kernels = _normalise(torch.exp(-0.5 * q))
-    if noise > 0:
-        jitter = _rand(kernels.shape, generator).to(kernels.device)
-        kernels = _normalise(kernels * (1 + noise * jitter))
-    return kernels
+    return (along / sx[:, None, None]) ** 2 + (across / sy[:, None, None]) ** 2
 
 
 def sample_isotropic(
@@ -741,6 +749,96 @@ def fit_kernel_pca(
     """Fit a :class:`KernelPCA` to ``n`` kernels of a training sampler (see :func:`sample_training_kernels`)."""
     generator = torch.Generator().manual_seed(seed)
     return KernelPCA.fit(sample_training_kernels(sampler_name, n, size, generator=generator), code_length)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels of real-world degradations (Real-ESRGAN's first- and second-order blurs, docs/method.md)
+# --------------------------------------------------------------------------------------------------
+
+REAL_KERNEL_KINDS: tuple[str, ...] = (
+    "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+"""Kernel families of :func:`sample_real_kernels`, in the order of its ``probs``."""
+
+
+def shaped_kernels(sigma_x: Tensor, sigma_y: Tensor, theta: Tensor, beta: Tensor, family: Tensor,
+                   size: int = 21, support: Tensor | None = None) -> Tensor:
+    """Gaussian-family kernels ``[B, k, k]`` from per-kernel parameters (Real-ESRGAN's kernel zoo).
+
+    With q = vᵀΣ⁻¹v (Σ as in :func:`anisotropic_gaussian`), ``family`` 0 is the Gaussian exp(−q/2), 1 the
+    generalized Gaussian exp(−q^β/2) (β = 1: Gaussian; β < 1 heavier tails, β > 1 flatter tops) and 2 the
+    plateau 1/(1 + q^β). ``support`` (odd sizes ≤ k, per kernel) zeroes the taps outside a centred
+    support×support window, so kernels of several sizes share one k×k canvas. Non-negative, sum to 1.
+    """
+    _check_gaussian_size(size)
+    q = _quadratic_form(sigma_x, sigma_y, theta, size)
+    powered = q.clamp_min(0).pow(beta[:, None, None])
+    family = family[:, None, None]
+    kernels = torch.where(family == 0, torch.exp(-0.5 * q),
+                          torch.where(family == 1, torch.exp(-0.5 * powered), 1.0 / (1.0 + powered)))
+    if support is not None:
+        r = _offsets(size, kernels.device).abs()
+        half = (support.to(kernels.device) // 2)[:, None, None]
+        inside = (r[None, :, None] <= half) & (r[None, None, :] <= half)
+        kernels = kernels * inside
+    return _normalise(kernels)
+
+
+def sinc_kernel(cutoff: Tensor, size: int = 21) -> Tensor:
+    """Circular low-pass (2-D sinc) kernels ``[B, k, k]``: k(r) ∝ ω_c J₁(ω_c r) / (2π r), ω_c = ``cutoff``
+    in radians per pixel (π: no filtering). They sum to 1 but have negative lobes: the ringing and
+    overshoot artefacts of sharpened, resampled photos (Real-ESRGAN's final stage)."""
+    _check_gaussian_size(size)
+    r = _offsets(size, cutoff.device)
+    radius = torch.sqrt(r[None, :, None] ** 2 + r[None, None, :] ** 2)  # [1, k, k]
+    w = cutoff[:, None, None]
+    safe = torch.where(radius == 0, torch.ones_like(radius), radius)
+    kernels = torch.where(radius == 0, w ** 2 / (4 * math.pi),
+                          w * torch.special.bessel_j1(w * safe) / (2 * math.pi * safe))
+    return _normalise(kernels)
+
+
+def sample_real_kernels(
+    batch: int,
+    size: int = 21,
+    probs: Sequence[float] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
+    sigma_range: tuple[float, float] = (0.2, 3.0),
+    betag_range: tuple[float, float] = (0.5, 4.0),
+    betap_range: tuple[float, float] = (1.0, 2.0),
+    min_size: int = 7,
+    generator: torch.Generator | None = None,
+    device: DeviceLike = None,
+) -> Tensor:
+    """Random real-world blur kernels ``[batch, size, size]`` (non-negative, sum 1): a family of
+    :data:`REAL_KERNEL_KINDS` drawn with ``probs``, σx (and σy for the anisotropic ones) ~ U(sigma_range),
+    θ ~ U(−π, π), β ~ U(betag_range) (generalized) or U(betap_range) (plateau), and a support of odd size
+    ~ U{min_size, …, size} — Real-ESRGAN's first-order kernels without the sinc (whose negative taps the
+    kernel head cannot represent; the sinc comes in the final stage of the pipeline instead)."""
+    _check_batch(batch)
+    _check_gaussian_size(size)
+    low, high = _check_range("sigma_range", sigma_range)
+    bg_low, bg_high = _check_range("betag_range", betag_range)
+    bp_low, bp_high = _check_range("betap_range", betap_range)
+    weights = torch.as_tensor([float(p) for p in probs], dtype=torch.float64)
+    if weights.numel() != len(REAL_KERNEL_KINDS) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
+        raise ValueError(f"probs={tuple(probs)} is invalid; give {len(REAL_KERNEL_KINDS)} non-negative "
+                         f"weights, one per kind of {REAL_KERNEL_KINDS}")
+    if not (isinstance(min_size, int) and 1 <= min_size <= size and min_size % 2 == 1):
+        raise ValueError(f"min_size={min_size!r} is invalid; use an odd size from 1 to {size}")
+    u = _rand((6, batch), generator, torch.float64)
+    cumulative = torch.cumsum(weights / weights.sum(), 0)
+    kind = torch.searchsorted(cumulative, u[0].contiguous(), right=True).clamp_max(len(REAL_KERNEL_KINDS) - 1)
+    isotropic = kind % 2 == 0
+    family = kind // 2  # 0 Gaussian, 1 generalized, 2 plateau
+    sigma_x = low + (high - low) * u[1]
+    sigma_y = torch.where(isotropic, sigma_x, low + (high - low) * u[2])
+    theta = torch.where(isotropic, torch.zeros_like(u[3]), math.pi * (2 * u[3] - 1))
+    beta = torch.where(family == 1, bg_low + (bg_high - bg_low) * u[4],
+                       torch.where(family == 2, bp_low + (bp_high - bp_low) * u[4], torch.ones_like(u[4])))
+    sizes = torch.arange(min_size, size + 1, 2, dtype=torch.float64)
+    support = sizes[(u[5] * len(sizes)).long().clamp_max(len(sizes) - 1)].long()
+    params = [t.float() if device is None else t.float().to(device) for t in (sigma_x, sigma_y, theta, beta)]
+    family = family if device is None else family.to(device)
+    return shaped_kernels(*params, family, size, support=support)
 
 
 # --------------------------------------------------------------------------------------------------
