@@ -47,7 +47,7 @@ def test_sampler_sweep_runs_one_factor_at_a_time(weights: Path, tmp_path: Path,
     assert len(list((tmp_path / "sweep").glob("*/results.json"))) == 4
 
 
-def test_real_niqe_scores_both_methods_and_resumes(weights: Path, tmp_path: Path,
+def test_real_noref_scores_both_methods_and_resumes(weights: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     photos = tmp_path / "real"
     photos.mkdir()
@@ -59,22 +59,22 @@ def test_real_niqe_scores_both_methods_and_resumes(weights: Path, tmp_path: Path
     out = tmp_path / "out"
     args = ["--images", str(photos), "--out", str(out), "--niqe-params", str(params), "--weights", str(weights),
             "--steps", "1", "--max-lr-pixels", "2000"]
-    assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 1  # the broken file is reported
+    assert run_script("real_noref.py", *args, monkeypatch=monkeypatch) == 1  # the broken file is reported
     results = json.loads((out / "results.json").read_text())
     assert results["skipped"] == ["large.png"]
     for method in ("bicubic", "blinddiff"):
         assert [row["name"] for row in results["cases"][method]] == ["tall", "wide"]
-        assert all(np.isfinite(row["niqe"]) for row in results["cases"][method])
+        assert all(np.isfinite(row["niqe"]) and 0 <= row["piqe"] <= 100 for row in results["cases"][method])
     assert all(row["seconds"] > 0 for row in results["cases"]["blinddiff"])
     assert (out / "ours" / "wide_kernel.npy").is_file() and (out / "bicubic" / "tall.png").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in (out / "ours").iterdir()}
     (photos / "broken.png").unlink()
-    assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 0
+    assert run_script("real_noref.py", *args, monkeypatch=monkeypatch) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "ours").iterdir()} == stamps  # nothing upscaled again
     assert json.loads((out / "results.json").read_text())["mean"] == results["mean"]
 
 
-def test_real_niqe_refuses_unknown_or_missing_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_real_noref_refuses_unknown_or_missing_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
     photos = tmp_path / "real"
     photos.mkdir()
@@ -82,16 +82,16 @@ def test_real_niqe_refuses_unknown_or_missing_peers(weights: Path, tmp_path: Pat
     params = write_niqe_params(tmp_path / "niqe.npz", 96)
     args = ["--images", str(photos), "--out", str(tmp_path / "out"), "--niqe-params", str(params),
             "--weights", str(weights)]
-    assert run_script("real_niqe.py", *args, "--peers", "realesrgan,srmd-gt", monkeypatch=monkeypatch) == 1
+    assert run_script("real_noref.py", *args, "--peers", "realesrgan,srmd-gt", monkeypatch=monkeypatch) == 1
     assert "--peers srmd-gt is not a blind ×4 peer" in capsys.readouterr().err
     monkeypatch.setenv("BLINDDIFF_PEERS", str(tmp_path / "no-peers"))
-    assert run_script("real_niqe.py", *args, "--peers", "realsr", monkeypatch=monkeypatch) == 1
+    assert run_script("real_noref.py", *args, "--peers", "realsr", monkeypatch=monkeypatch) == 1
     assert "make peers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(not installed("realesrgan"), reason="peers not installed (run `make peers`)")
-def test_real_niqe_scores_the_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_noref_scores_the_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     photos = tmp_path / "real"
     photos.mkdir()
     Image.fromarray(sample_rgb(24, 48)).save(photos / "small.png")
@@ -99,7 +99,7 @@ def test_real_niqe_scores_the_peers(weights: Path, tmp_path: Path, monkeypatch: 
     out = tmp_path / "out"
     args = ["--images", str(photos), "--out", str(out), "--niqe-params", str(params), "--weights", str(weights),
             "--peers", "realesrgan", "--mode", "fidelity"]
-    assert run_script("real_niqe.py", *args, monkeypatch=monkeypatch) == 0
+    assert run_script("real_noref.py", *args, monkeypatch=monkeypatch) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["cases"]) == {"bicubic", "blinddiff", "realesrgan"}
     assert results["cases"]["realesrgan"][0]["seconds"] > 0

@@ -96,7 +96,7 @@ def test_colliding_outputs_are_found_before_anything_is_written(weights: Path, t
     err = capsys.readouterr().err
     assert str(tmp_path / "sub1" / "x.png") in err and str(tmp_path / "sub2" / "x.png") in err
     assert "p.webp" in err
-    assert sorted(p.name for p in out.iterdir()) == ["ok.png", "ok_kernel.npy", "ok_kernel.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["ok.png", "ok_estimate.json", "ok_kernel.npy", "ok_kernel.png"]
 
 
 # ---------------------------------------------------------------- 3: make-benchmark never writes inside --hr

@@ -39,8 +39,17 @@ def report(problems: list[str], args: argparse.Namespace) -> int:
 
 
 def cmd_make_benchmark(args: argparse.Namespace) -> int:
-    from .testsets import build_testset
+    from .testsets import build_pair_set, build_testset
 
+    if args.lr is not None:
+        given = [flag for flag, value in (("--protocol", args.protocol != "gaussian8"), ("--crop", args.crop),
+                                          ("--limit", args.limit), ("--noise", args.noise)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: real pairs (--lr) are used as they are; leave "
+                             f"{'it' if len(given) == 1 else 'them'} out")
+        records, problems = build_pair_set(args.hr, args.lr, args.out, force=args.force)
+        print(f"wrote {len(records)} real pair(s) to {args.out} (manifest: {args.out}/manifest.json)")
+        return report(problems, args)
     records, problems = build_testset(args.hr, args.out, args.protocol, args.scale, downsample=args.downsample,
                                       noise=args.noise, seed=args.seed, kernel_size=args.kernel_size,
                                       crop=args.crop, limit=args.limit, force=args.force)
@@ -51,8 +60,12 @@ def cmd_make_benchmark(args: argparse.Namespace) -> int:
 def cmd_degrade(args: argparse.Namespace) -> int:
     from .testsets import degrade_files
 
+    if (args.pipeline == "real") == (args.kernel is not None):
+        raise ValueError("give --kernel (the paper's model: blur, downsample, noise) or --pipeline real (the "
+                         "real-world chain draws its own kernels), not both and not neither")
     problems = degrade_files(args.inputs, args.out, args.scale, args.kernel, downsample=args.downsample,
-                             noise=args.noise, seed=args.seed, kernel_size=args.kernel_size)
+                             noise=args.noise, seed=args.seed, kernel_size=args.kernel_size, pipeline=args.pipeline,
+                             real_config=args.config)
     return report(problems, args)
 
 
@@ -232,7 +245,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, default_weights: str |
     parser.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--zeta", type=float, help="step size ζ of the kernel-aware gradient (paper: 1 with --gradient xt)")
     parser.add_argument("--guidance", choices=GUIDANCE,
-                        help="data term between steps (paper: kernel-aware)")
+                        help="data term between steps: noise-aware (the default: the kernel-aware term weighted by "
+                             "1/σ̂² of the input's estimated noise, as MAP prescribes; equal to kernel-aware on "
+                             "clean inputs), kernel-aware (the paper's), bicubic or none")
     parser.add_argument("--gradient", choices=GRADIENTS,
                         help="back-propagate the data term through the network to x_t (paper) or take it at x̂0 "
                              "(the default: no backward pass through the network)")
@@ -259,9 +274,13 @@ def add_degradation_options(parser: argparse.ArgumentParser) -> None:
 
 def add_make_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hr", required=True, help="folder of HR images")
+    parser.add_argument("--lr", default=None,
+                        help="folder of real LR images with the same file names as --hr (e.g. DRealSR's camera "
+                             "pairs): a test set of real pairs, no synthetic degradation and no kernels")
     parser.add_argument("--protocol", default="gaussian8",
-                        help="gaussian8 | aniso | motion | levin | iso:SIGMA | kernels:FILE (levin and kernels:FILE: "
-                             "every image with every kernel of the file, e.g. Levin et al. 2009's 8 camera shakes)")
+                        help="gaussian8 | aniso | motion | real | levin | iso:SIGMA | kernels:FILE (real: the "
+                             "real-world chain, noise σ ≤ 12 and JPEG 35–90; levin and kernels:FILE: every image with "
+                             "every kernel of the file, e.g. Levin et al. 2009's 8 camera shakes)")
     parser.add_argument("--crop", type=int, default=None,
                         help="centre-crop every image to N×N first (Table 5: 256)")
     parser.add_argument("--limit", type=int, default=None,
@@ -275,9 +294,15 @@ def add_make_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--kernel", required=True,
+    parser.add_argument("--kernel", default=None,
                         help="iso:SIGMA, aniso:SX,SY,THETA, motion:INTENSITY, random-iso, random-aniso, "
                              "random-motion, or a kernel file (.npy, .png, .mat)")
+    parser.add_argument("--pipeline", choices=("paper", "real"), default="paper",
+                        help="paper: blur with --kernel, downsample, --noise (SPEC §2); real: the real-world chain "
+                             "(blur, resize, Gaussian/Poisson noise, JPEG, twice; seeded by --seed)")
+    parser.add_argument("--config", default=None,
+                        help="with --pipeline real: a YAML file or preset whose data.real settings to use "
+                             "(default: the held-out protocol, noise σ ≤ 12, JPEG 35–90)")
     add_degradation_options(parser)
     parser.set_defaults(run=cmd_degrade)
 

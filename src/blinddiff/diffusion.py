@@ -55,6 +55,12 @@ class DiffusionConfig:
     # What the network's first C channels are: "eps" (DDPM, the paper) or "x0" (the clean image, trained
     # with an MSE on x0; its one-step prediction from pure noise is the MMSE restoration, our fidelity mode)
     prediction: str = "eps"
+    # A perceptual term on x̂0 (LPIPS, as Real-ESRGAN's perceptual loss and later ResShift versions): weight,
+    # backbone ("alex" | "vgg") and the fraction of the chain (t < max_t·N) it acts on, so the last reverse
+    # steps (the perceptual mode) sharpen while the one-step MMSE estimate from t = N−1 (fidelity) stays.
+    perceptual_loss_weight: float = 0.0
+    perceptual_loss_net: str = "alex"
+    perceptual_max_t: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -78,6 +84,12 @@ class DiffusionConfig:
             raise ValueError(f"kernel_loss={self.kernel_loss!r}: choose one of {KERNEL_LOSSES}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction={self.prediction!r}: choose one of {PREDICTIONS}")
+        if not self.perceptual_loss_weight >= 0.0:
+            raise ValueError(f"perceptual_loss_weight={self.perceptual_loss_weight!r}: must be >= 0")
+        if self.perceptual_loss_net not in ("alex", "vgg"):
+            raise ValueError(f"perceptual_loss_net={self.perceptual_loss_net!r}: choose 'alex' or 'vgg'")
+        if not 0.0 < self.perceptual_max_t <= 1.0:
+            raise ValueError(f"perceptual_max_t={self.perceptual_max_t!r}: must be in (0, 1]")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -517,6 +529,7 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         cfg: DiffusionConfig | None = None,
+        perceptual: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample losses of paper Eq. (13) on a batch of HR images x0 [B, C, H, W] in the data range.
 
@@ -525,8 +538,10 @@ class GaussianDiffusion:
         ``model(x_t, model_timesteps(t), lr) -> (out [B, 2C|C, H, W], kernel)``. Returns float32 [B]:
         mse (MSE of the prediction, ε or x0, mean over C,H,W), vb (`vb_terms_bpd` on cat(ε̂.detach(), v), × N/1000 as IDDPM's
         rescaled-MSE; 0 without learned variance), kernel (`kernel_loss`; 0 when kernel_gt is None)
-        and loss = mse + vb + λ·kernel (the kernel term is dropped, not multiplied, when λ = 0).
-        `cfg` supplies λ and the kernel loss kind; it defaults to the chain's own config.
+        perceptual (`perceptual(x̂0, x0)` [B], e.g. LPIPS, on the samples with t < perceptual_max_t·N, 0
+        elsewhere and without `perceptual`) and loss = mse + vb + λ·kernel + w·perceptual (a term of weight 0
+        is dropped, not multiplied). `cfg` supplies λ, w and the kernel loss kind; it defaults to the
+        chain's own config.
         """
         cfg = cfg if cfg is not None else (self.config if self.config is not None else DiffusionConfig())
         if cfg.learned_variance != self.learned_variance:
@@ -574,4 +589,15 @@ class GaussianDiffusion:
         loss = mse + vb
         if cfg.kernel_loss_weight != 0:
             loss = loss + cfg.kernel_loss_weight * kernel
-        return {"loss": loss, "mse": mse, "vb": vb, "kernel": kernel}
+        perceptual_term = torch.zeros_like(mse)
+        if perceptual is not None and cfg.perceptual_loss_weight != 0:
+            late = torch.nonzero(t < cfg.perceptual_max_t * self.num_steps).flatten()
+            if late.numel():
+                pred = out[late, :channels]
+                x0_hat = pred if self.prediction == "x0" else self._x0_from_eps(x_t[late], t[late], pred)
+                low, high = self.data_range
+                scaled = ((x0_hat.float() - low) / (high - low)).clamp(0, 1)
+                perceptual_term = perceptual_term.index_put(
+                    (late,), perceptual(scaled, ((x0[late].float() - low) / (high - low))).float())
+            loss = loss + cfg.perceptual_loss_weight * perceptual_term
+        return {"loss": loss, "mse": mse, "vb": vb, "kernel": kernel, "perceptual": perceptual_term}

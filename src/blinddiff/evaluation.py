@@ -64,7 +64,7 @@ BASELINES = ("bicubic", "gt-kernel")  # the default; the peers (blinddiff.peers)
 ALL_BASELINES = BASELINES + ("blurry",) + DECONVOLUTION + PEERS  # blurry and deconvolution: scale 1 only
 
 _LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_vgg": "LPIPS-VGG ↓", "lpips_alex": "LPIPS-Alex ↓",
-           "dists": "DISTS ↓", "niqe": "NIQE ↓", "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓",
+           "dists": "DISTS ↓", "niqe": "NIQE ↓", "piqe": "PIQE ↓", "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓",
            "seconds": "s / image ↓"}
 _FORMATS = {"psnr": ".2f", "ssim": ".4f", "lpips_vgg": ".4f", "lpips_alex": ".4f", "dists": ".4f", "niqe": ".3f",
             "kernel_l1": ".4f", "lr_psnr": ".2f", "fid": ".2f", "seconds": ".2f"}
@@ -127,6 +127,8 @@ def evaluate_results(benchmark: str | os.PathLike | BenchmarkSet, sr_dir: str | 
     sr_dir = Path(sr_dir)
     if not sr_dir.is_dir():
         raise FileNotFoundError(f"SR folder {sr_dir} does not exist; pass the folder `blinddiff upscale --out` wrote")
+    if not bench.has_kernels:  # real pairs: no true kernel to score an estimate against
+        suite = suite.without_kernel_metrics()
     names = suite.image_metrics
     rows: list[dict] = []
     problems: list[str] = []
@@ -415,7 +417,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
         resumed += 1
     bar = tqdm(total=len(pending), desc=method, unit="img", disable=not progress or not pending)
     def size(case: dict) -> tuple:  # LR size and kernel size: one tensor per batch
-        return image_size(bench.root / case["lr"]), bench.gt_kernel(case).shape
+        return image_size(bench.root / case["lr"]), bench.gt_kernel(case).shape if bench.has_kernels else None
 
     for batch in size_batches(pending, size, batch_size):
         started = time.perf_counter()
@@ -432,7 +434,8 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
             files = [path.name for path in write_result(folder / f"{name}.png", pixels, kernel)]
             try:
                 metrics = suite.score(pixels, bench.hr(case), scale=bench.scale, downsample=bench.downsample,
-                                      kernel=kernel, gt_kernel=bench.gt_kernel(case) if kernel is not None else None)
+                                      kernel=kernel,
+                                      gt_kernel=bench.gt_kernel(case) if kernel is not None and bench.has_kernels else None)
             except ValueError as err:
                 problems.append(f"{method} {name}: {err}")
                 continue
@@ -461,7 +464,7 @@ def _cases_digest(bench: BenchmarkSet) -> str:
     import hashlib
 
     digest = hashlib.sha256(json.dumps(bench.cases, sort_keys=True).encode())
-    for relative in dict.fromkeys(case[key] for case in bench.cases for key in ("hr", "lr", "kernel")):
+    for relative in dict.fromkeys(case[key] for case in bench.cases for key in ("hr", "lr", "kernel") if case.get(key)):
         path = bench.root / relative
         digest.update(relative.encode() + b"\0")
         if path.is_file():  # a missing file is reported when its case runs
@@ -509,10 +512,11 @@ def _sweep_point(model: BlindDiff, bench: BenchmarkSet, case: dict, options: Sam
                  suite: MetricSuite) -> dict:
     """Quality of one image upscaled with ``steps`` reverse steps (the quality-vs-steps plot)."""
     sr, kernel = model.run(_lr_batch(bench, [case]), [seed], replace(options, steps=steps))
-    names = [n for n in suite.image_metrics if n != "niqe"]
+    names = [n for n in suite.image_metrics if n not in ("niqe", "piqe")]
+    known = bench.has_kernels
     metrics = suite.score(tensor_to_rgb(sr[0]), bench.hr(case), scale=bench.scale, downsample=bench.downsample,
-                          kernel=kernel[0].numpy(), gt_kernel=bench.gt_kernel(case),
-                          names=list(dict.fromkeys(names + ["psnr", "kernel_l1"])))
+                          kernel=kernel[0].numpy() if known else None, gt_kernel=bench.gt_kernel(case) if known else None,
+                          names=list(dict.fromkeys(names + ["psnr"] + (["kernel_l1"] if known else []))))
     return {"name": case["name"], "steps": steps, "luma": suite.luma, **metrics}
 
 
@@ -607,6 +611,12 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
     check_peers(peers, bench.scale)  # before any upscaling: scale ×4, ncnn and the model files installed
     deconvolution = [b for b in DECONVOLUTION if b in settings.baselines]
     check_deconvolution(deconvolution, bench.scale)
+    if not bench.has_kernels:  # real LR/HR pairs: nobody knows their blur
+        needs_truth = [b for b in settings.baselines if b == "gt-kernel" or b.endswith("-gt")]
+        if needs_truth:
+            raise ValueError(f"baselines {','.join(needs_truth)} need the true kernel, which the real pairs of "
+                             f"{bench.root} do not have; leave them out (e.g. --baselines bicubic,realesrgan)")
+        settings = replace(settings, trajectory_cases=0)  # the traces score k̂_t against the true kernel
     if "blurry" in settings.baselines and bench.scale != 1:
         raise ValueError(f"baseline blurry (the input itself) is for deblurring, but the test set is ×{bench.scale}; "
                          f"use bicubic there")
@@ -615,6 +625,8 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
         raise FileExistsError(f"out={out} exists and is not a folder; choose another out folder")
     with distributed(device) as runtime:
         suite = suite or build_metric_suite()
+        if not bench.has_kernels:
+            suite = suite.without_kernel_metrics()
         suite = replace(suite, device=runtime.device,
                         networks={name: network.to(runtime.device) for name, network in suite.networks.items()})
         say = log if runtime.main else (lambda message: None)
@@ -757,12 +769,11 @@ def case_pictures(out: Path, bench: BenchmarkSet, case: dict, methods: Sequence[
             bicubic = tensor_to_rgb(upsample_bicubic(_lr_batch(bench, [case]), scale).clamp(0, 1)[0])
             pictures.append(("bicubic", bicubic[top:top + h, left:left + w]))
     pictures.append(("HR", hr[top:top + h, left:left + w]))
-    gt = bench.gt_kernel(case)
-    kernels = [("GT kernel", gt)]
+    kernels = [("GT kernel", bench.gt_kernel(case))] if bench.has_kernels else []
     estimated = out / METHOD / f"{name}_kernel.npy"
     if estimated.is_file():
         kernels.append(("estimated kernel", np.load(estimated)))
-    size = max(k.shape[0] for _, k in kernels)
+    size = max((k.shape[0] for _, k in kernels), default=1)
     for label, kernel in kernels:
         pictures.append((label, kernel_picture(kernel, max(1, 96 // size))))
     return pictures

@@ -388,17 +388,21 @@ def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
 
 
 def write_result(target: Path, image: LoadedImage | np.ndarray, kernel: np.ndarray | None = None, *,
-                 stem: str | None = None) -> list[Path]:
+                 stem: str | None = None, estimate: dict | None = None) -> list[Path]:
     """Write a result and, when given, its estimated kernel as `<stem>_kernel.npy` (the values) and
-    `<stem>_kernel.png` (a picture) next to it (`stem`: the target's) → the files written. `image`: a
-    `LoadedImage` written in kind, or uint8 pixels [H, W, 3] written as they are. The image comes last, so
-    its presence means the set is complete."""
+    `<stem>_kernel.png` (a picture) and the `estimate` (e.g. the noise level) as `<stem>_estimate.json`
+    next to it (`stem`: the target's) → the files written. `image`: a `LoadedImage` written in kind, or
+    uint8 pixels [H, W, 3] written as they are. The image comes last, so its presence means the set is
+    complete."""
     kernel_files = []
+    stem = stem or target.stem
     if kernel is not None:
-        stem = stem or target.stem
         kernel_files = [target.parent / f"{stem}_kernel.npy", target.parent / f"{stem}_kernel.png"]
         write_npy(kernel_files[0], kernel)
         write_png(kernel_files[1], kernel_picture(kernel))
+    if estimate is not None:
+        kernel_files.append(target.parent / f"{stem}_estimate.json")
+        write_json(kernel_files[-1], {**estimate, **({"kernel": kernel_files[0].name} if kernel is not None else {})})
     if isinstance(image, LoadedImage):
         save_image(target, image)
     else:

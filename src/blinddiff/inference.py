@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ import torch
 
 from .checkpoint import load_torch, load_weights, prefixed
 from .config import Config, config_from_dict, load_config
-from .degradation import matlab_bicubic_resize
+from .degradation import estimate_noise_level, matlab_bicubic_resize
 from .fileio import LoadedImage, expand_path, from_tensor, to_tensor
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
@@ -51,7 +52,7 @@ class SampleOptions:
     sampler: str = "ddpm"
     eta: float = 0.0
     zeta: float = 10.0
-    guidance: str = "kernel-aware"
+    guidance: str = "noise-aware"
     gradient: str = "x0"
     x0_norm_weight: float = 0.0
     tile: int | None = None
@@ -320,7 +321,7 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
     for path in files:
         extension = ext if ext != "auto" else ("jpg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
         planned[path] = [out / f"{path.stem}{suffix}.{extension}", out / f"{path.stem}_kernel.npy",
-                         out / f"{path.stem}_kernel.png"]
+                         out / f"{path.stem}_kernel.png", out / f"{path.stem}_estimate.json"]
     accepted, collisions = fileio.plan_outputs(planned)
     problems += collisions
     jobs: list[FileJob] = []
@@ -355,18 +356,23 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
         except (ValueError, RuntimeError) as err:
             problems.extend(f"{job.source}: {err}" for job, _ in loaded)
             continue
-        for (job, image), result, kernel in zip(loaded, sr, kernels):
+        noise = estimate_noise_level(lr)
+        for (job, image), result, kernel, sigma in zip(loaded, sr, kernels, noise):
             alpha = None
             if image.alpha is not None:
                 alpha = model.upscale_alpha(torch.from_numpy(image.alpha)[None, None])[0, 0].numpy()
             target = job.outputs[0]
+            estimate = {"noise_sigma": round(float(sigma), 3), "noise_scale": "0-255 (8-bit levels)",
+                        "input": job.source.name}
             try:
                 fileio.write_result(target, LoadedImage(result.permute(1, 2, 0).numpy(), alpha, image.kind),
-                                    kernel.numpy(), stem=job.source.stem)
+                                    kernel.numpy(), stem=job.source.stem, estimate=estimate)
             except OSError as err:  # disk full, a folder in the way, no permission: this input fails, not the run
                 problems.append(f"{job.source}: could not write {err.filename or target}: {err.strerror or err}")
                 continue
             log(f"{job.source} → {target}")
+            print(f"{job.source.name}: estimated noise σ {float(sigma):.2f} (0–255), kernel {job.outputs[2].name}",
+                  file=sys.stderr)
             bar.update(1)
     bar.close()
     return problems

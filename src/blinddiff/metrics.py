@@ -66,6 +66,7 @@ __all__ = [
     "lr_psnr",
     "niqe",
     "niqe_features",
+    "piqe",
     "psnr",
     "rgb_to_y",
     "ssim",
@@ -73,7 +74,7 @@ __all__ = [
 
 ImageLike = Tensor | np.ndarray
 
-METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "dists", "niqe",
+METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "dists", "niqe", "piqe",
                                   "kernel_l1", "lr_psnr")
 """Names accepted by :func:`evaluate_pair`."""
 
@@ -448,6 +449,29 @@ def niqe(images: ImageLike, params_path: str | os.PathLike, *, crop: int = 0,
 # --------------------------------------------------------------------------------------------
 
 
+def _pypiqe() -> Callable[[np.ndarray], tuple]:
+    try:
+        from pypiqe import piqe as reference
+    except ImportError:
+        raise ValueError("metric piqe needs the pypiqe package and OpenCV, which `make metric-weights` installs "
+                         "(pinned and hash-checked); or leave piqe out of --metrics") from None
+    return reference
+
+
+def piqe(images: ImageLike, *, crop: int = 0) -> Tensor:
+    """PIQE per image [B] (float64, lower is better, 0–100): the Perception-based Image Quality Evaluator
+    (Venkatanath et al. 2015), a no-reference score from block-wise distortion (noise, blockiness, blur)
+    that needs no trained model, computed by the ``pypiqe`` package (MATLAB ``piqe``'s port) on the
+    uint8 RGB image after ``crop`` border pixels."""
+    reference = _pypiqe()
+    levels = _to_levels(images)
+    height, width = levels.shape[-2:]
+    crop = check_crop(crop, height, width, minimum=16)
+    batch = crop_border(levels, crop).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    scores = [float(reference(image if image.shape[-1] == 3 else image[..., 0])[0]) for image in batch]
+    return torch.tensor(scores, dtype=torch.float64)
+
+
 def feature_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and unbiased covariance [D, D] (float64) of features [N, D], N ≥ 2."""
     if isinstance(features, Tensor):
@@ -685,6 +709,8 @@ def evaluate_pair(sr: ImageLike, hr: ImageLike, *, scale: int,
         elif name == "niqe":
             assert niqe_params is not None
             value = niqe(sr_uint8, niqe_params, crop=crop)
+        elif name == "piqe":
+            value = piqe(sr_uint8, crop=crop)
         elif name == "kernel_l1":
             assert kernel is not None and gt_kernel is not None
             value = kernel_l1(kernel, gt_kernel)
@@ -816,6 +842,8 @@ def build_metric_suite(metrics: str | Sequence[str] | None = None, *, lpips_back
             raise ValueError(f"--niqe-params {niqe_params} is not a NIQE parameter .npz ({type(err).__name__}: "
                              f"{err}); pass BasicSR's niqe_pris_params.npz") from None
         suite.niqe_params = Path(niqe_params)
+    if "piqe" in names:
+        _pypiqe()  # fails now, naming the install, not after the first method has run
     if "fid" in names:
         if not fid_weights:
             raise ValueError("metric fid needs --fid-weights PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")

@@ -30,15 +30,18 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .degradation import DOWNSAMPLE_MODES, blur, check_scale, downsample as _downsample_images, matlab_bicubic_resize
+from .degradation import DOWNSAMPLE_MODES, blur, check_scale, downsample as _downsample_images, \
+    estimate_noise_level, matlab_bicubic_resize
 from .diffusion import DiffusionConfig, GaussianDiffusion, per_image_noise, space_timesteps
 
 __all__ = [
-    "GRADIENTS", "GUIDANCE", "SAMPLERS", "StepInfo", "bicubic_energy", "data_term", "kernel_aware_energy",
-    "known_kernel", "sample", "sampling_chain", "tiled",
+    "GRADIENTS", "GUIDANCE", "NOISE_FLOOR", "SAMPLERS", "StepInfo", "bicubic_energy", "data_term",
+    "kernel_aware_energy", "known_kernel", "noise_aware_energy", "noise_weights", "sample", "sampling_chain",
+    "tiled",
 ]
 
-GUIDANCE = ("kernel-aware", "bicubic", "none")  # the data terms by name (`data_term`)
+GUIDANCE = ("noise-aware", "kernel-aware", "bicubic", "none")  # the data terms by name (`data_term`)
+NOISE_FLOOR = 2.0  # σ̂ (0–255) up to which the noise-aware data term keeps the weight ζ was tuned at
 GRADIENTS = ("xt", "x0")
 SAMPLERS = ("ddpm", "ddim")
 
@@ -89,6 +92,29 @@ def kernel_aware_energy(lr: Tensor, scale: int, downsample: str = "bicubic", *,
     return _energy(lr, scale, x0_norm_weight, degrade)
 
 
+def noise_weights(lr: Tensor, floor: float = NOISE_FLOOR) -> Tensor:
+    """min(1, floor²/σ̂²) per image [B], σ̂ = `estimate_noise_level(lr)`: the 1/σ² of the MAP data term
+    −log p(y | x, k) = ‖y − D_s(x ⊛ k)‖²/(2σ²), relative to the clean inputs on which ζ was tuned."""
+    sigma = estimate_noise_level(lr)
+    return (floor ** 2 / sigma.clamp_min(1e-6).square()).clamp(max=1.0)
+
+
+def noise_aware_energy(lr: Tensor, scale: int, downsample: str = "bicubic", *, x0_norm_weight: float = 0.0,
+                       weights: Tensor | None = None) -> DataTerm:
+    """The kernel-aware data term weighted per image by `noise_weights(lr)` (or the given `weights` [B]):
+    on a clean input (σ̂ ≤ `NOISE_FLOOR`, what the estimator reads on clean 8-bit images) it is `kernel_aware_energy`; on a noisy or JPEG-compressed input
+    the gradient shrinks as 1/σ̂², as MAP prescribes, so the guidance stops fitting the noise."""
+    base = kernel_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
+    known = {} if weights is None else {"weights": weights}
+
+    def energy(x0: Tensor, kernel: Tensor | None) -> Tensor:
+        if "weights" not in known:  # estimated once, at the first step
+            known["weights"] = noise_weights(lr)
+        return known["weights"].to(device=x0.device) * base(x0, kernel)
+
+    return energy
+
+
 def bicubic_energy(lr: Tensor, scale: int, *, x0_norm_weight: float = 0.0) -> DataTerm:
     """E(x̂0) = ‖y − bicubic↓s(x̂0)‖₂: the fixed bicubic degradation of the Table 3 ablation (MATLAB bicubic
     whatever the data's downsampler; the kernel is not used)."""
@@ -98,8 +124,11 @@ def bicubic_energy(lr: Tensor, scale: int, *, x0_norm_weight: float = 0.0) -> Da
 
 def data_term(guidance: str, lr: Tensor, scale: int, downsample: str = "bicubic", *,
               x0_norm_weight: float = 0.0) -> DataTerm | None:
-    """The data term called `guidance` ("kernel-aware" | "bicubic" | "none" → None), as options name it."""
+    """The data term called `guidance` ("noise-aware" | "kernel-aware" | "bicubic" | "none" → None), as
+    options name it."""
     _check_choice("guidance", guidance, GUIDANCE)
+    if guidance == "noise-aware":
+        return noise_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
     if guidance == "kernel-aware":
         return kernel_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
     if guidance == "bicubic":

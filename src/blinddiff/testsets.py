@@ -4,8 +4,11 @@ one-off degradation of single images.
 
 Protocols (kernels per image): `gaussian8` (the 8 σ of Table 1), `iso:SIGMA`, `aniso` (one fixed-seed
 setting-2 kernel per image, Table 2), `motion` (one fixed-seed BlindDPS kernel per image, intensity 0.5,
-Table 5), `levin` (every image with each of the 8 real camera-shake kernels of Levin et al. 2009,
-`LEVIN_KERNELS`) and `kernels:FILE` (every image with each kernel of a .npy/.png/.mat file).
+Table 5), `real` (one fixed-seed draw of the real-world chain per image, `real_test_degradation`: blur,
+resize, noise σ ≤ 12, JPEG 35–90, second order; its kernel is the first-order blur and the manifest
+records the effective noise σ), `levin` (every image with each of the 8 real camera-shake kernels of
+Levin et al. 2009, `LEVIN_KERNELS`) and `kernels:FILE` (every image with each kernel of a .npy/.png/.mat
+file). `build_pair_set` makes a test set of real LR/HR pairs instead (no kernels).
 Table 2 uses the first 50 Urban100 images (`limit`); Table 5 uses 256x256 centre crops (`crop`).
 
 A test set folder holds `HR/<stem>.png` (centre-cropped to `crop`×`crop` if asked, then mod-cropped to a
@@ -29,7 +32,7 @@ import torch
 
 from . import __version__
 from .data import derive_seed
-from .degradation import DOWNSAMPLE_MODES, degrade
+from .degradation import DOWNSAMPLE_MODES, RealDegradation, degrade, degrade_real, real_test_degradation
 from .fileio import ImageError, check_name_part, check_output_folder, expand_inputs, expand_path, find_images, \
     inside, plan_outputs, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
 from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, load_kernels, motion_blur, parse_kernel_spec, \
@@ -38,6 +41,7 @@ from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, load_kernels, motion_
 LEVIN_KERNELS = "${BLINDDIFF_DATA:-../shared/data}/kernels/KAIR/Levin09.mat"  # 8 real camera-shake kernels
 MOTION_KERNEL_SIZE = 64  # BlindDPS's motion kernels
 MAX_KERNEL_SIZE = 256  # far beyond any blur in the paper; bounds the memory a typo can ask for
+REAL_KERNEL_SIZE = 21  # the first-order kernels of the real-world protocol (the SR models' kernel size)
 # One case of a protocol: (tag, parameters for the manifest, kernel [k, k]).
 Case = tuple[str, dict, torch.Tensor]
 
@@ -79,8 +83,8 @@ def file_kernels(path: str, convolution: bool) -> list[torch.Tensor]:
 
 
 def protocol_cases(protocol: str, size: int | None) -> Callable[[str, int], list[Case]]:
-    """Parse `gaussian8 | aniso | motion | iso:SIGMA | levin | kernels:FILE` into a function (stem, seed) →
-    cases for that image (module docstring)."""
+    """Parse `gaussian8 | aniso | motion | real | iso:SIGMA | levin | kernels:FILE` into a function (stem, seed)
+    → cases for that image (module docstring); a case of `real` has no kernel yet (`degrade_case`)."""
     source = file_protocol(protocol)
     if source is not None:
         kernels = file_kernels(source, convolution=protocol == "levin")
@@ -101,6 +105,8 @@ def protocol_cases(protocol: str, size: int | None) -> Callable[[str, int], list
             raise ValueError(f"protocol {protocol!r}: sigma must be a positive number, e.g. iso:2.6")
         case = (f"sig{sigma:g}", {"kernel_type": "iso", "sigma": sigma}, isotropic_gaussian(sigma, size)[0])
         return lambda stem, seed: [case]
+    if protocol == "real":  # kernels drawn per case by the real-world chain (`degrade_case`)
+        return lambda stem, seed: [("real", {"kernel_type": "real"}, None)]
     if protocol == "aniso":
         def aniso(stem: str, seed: int) -> list[Case]:
             case_seed = stem_seed(seed, stem)
@@ -113,8 +119,8 @@ def protocol_cases(protocol: str, size: int | None) -> Callable[[str, int], list
             kernel = motion_blur(1, size, intensity=0.5, generator=torch.Generator().manual_seed(case_seed))[0]
             return [("motion", {"kernel_type": "motion", "intensity": 0.5, "seed": case_seed}, kernel)]
         return motion
-    raise ValueError(f"protocol {protocol!r} is unknown; use gaussian8, aniso, motion, levin, iso:SIGMA (e.g. "
-                     f"iso:2.6) or kernels:FILE")
+    raise ValueError(f"protocol {protocol!r} is unknown; use gaussian8, aniso, motion, real, levin, iso:SIGMA "
+                     f"(e.g. iso:2.6) or kernels:FILE")
 
 
 def check_degradation_args(scale: int, downsample: str, noise: float) -> None:
@@ -155,6 +161,16 @@ def degrade_image(hr: np.ndarray, kernel: torch.Tensor, scale: int, downsample: 
     return tensor_to_rgb(lr)
 
 
+def degrade_case(hr: np.ndarray, tag: str, params: dict, kernel: torch.Tensor | None, scale: int, downsample: str,
+                 noise: float, seed: int) -> tuple[str, dict, torch.Tensor, np.ndarray]:
+    """One case of a protocol → (tag, parameters, kernel, uint8 LR); a case without a kernel is the real-world
+    protocol's, whose first-order kernel is drawn with the rest of its chain (`degrade_real_image`)."""
+    if kernel is None:
+        lr, kernel, drawn = degrade_real_image(hr, scale, seed)
+        return tag, {**params, **drawn}, kernel, lr
+    return tag, params, kernel, degrade_image(hr, kernel, scale, downsample, noise, seed)
+
+
 def ensure_empty(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder; choose another --out")
@@ -177,7 +193,7 @@ def previous_testset_files(out: Path) -> set[Path]:
     path = out / "manifest.json"
     try:
         cases = json.loads(path.read_text())["cases"]
-        listed = {out / case[key] for case in cases for key in ("hr", "lr", "kernel")}
+        listed = {out / case[key] for case in cases for key in ("hr", "lr", "kernel") if case.get(key)}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     return {p.resolve() for p in listed | {path}}
@@ -238,8 +254,7 @@ def build_testset(hr_dir: str | Path, out: str | Path, protocol: str = "gaussian
         try:
             hr = read_rgb(path)
             hr = mod_crop(centre_crop(hr, crop) if crop else hr, scale)
-            cases = [(tag, params, kernel, degrade_image(hr, kernel, scale, downsample, noise,
-                                                         stem_seed(seed, f"{stem}_{tag}")))
+            cases = [degrade_case(hr, tag, params, kernel, scale, downsample, noise, stem_seed(seed, f"{stem}_{tag}"))
                      for tag, params, kernel in planned]
         except (ImageError, ValueError) as err:
             problems.append(f"{path}: {err}" if str(path) not in str(err) else str(err))
@@ -260,25 +275,110 @@ def build_testset(hr_dir: str | Path, out: str | Path, protocol: str = "gaussian
     return records, problems
 
 
-def degrade_files(inputs: list[str], out: str | Path, scale: int, kernel_spec: str, *, downsample: str = "bicubic",
-                  noise: float = 0.0, seed: int = 0, kernel_size: int | None = None,
+def degrade_real_image(hr: np.ndarray, scale: int, seed: int, settings: RealDegradation | None = None
+                       ) -> tuple[np.ndarray, torch.Tensor, dict]:
+    """uint8 HR [H, W, 3] → (uint8 LR, first-order kernel [21, 21], manifest parameters) by the real-world
+    model (`degradation.degrade_real`; default the held-out protocol `real_test_degradation`), drawn from
+    `seed`. The parameters record the effective noise σ (0–255: RMS of the LR minus the same chain without
+    noise and JPEG) and the JPEG qualities."""
+    settings = settings or real_test_degradation()
+    generator = torch.Generator().manual_seed(seed)
+    out = degrade_real(rgb_to_tensor(hr), settings, scale, REAL_KERNEL_SIZE, generator, measure_noise=True)
+    assert out.noise_sigma is not None
+    params = {"kernel_type": "real", "noise_sigma": round(float(out.noise_sigma[0]), 4), "seed": seed}
+    return tensor_to_rgb(out.lr), out.kernel[0], params
+
+
+def build_pair_set(hr_dir: str | Path, lr_dir: str | Path, out: str | Path, *, force: bool = False,
+                   log: Callable[[str], None] = print) -> tuple[list[dict], list[str]]:
+    """A test set of real LR/HR pairs (two folders, the same file names; e.g. DRealSR's camera pairs): the
+    images are copied as PNG into `out` with a manifest whose cases have no kernel (`"kernel": null`). The
+    scale is HR size / LR size, which must be the same integer for every pair; pairs that disagree, or
+    have no partner, are named in the problems and left out."""
+    out = Path(out)
+    ensure_empty(out, force)
+    check_outside_sources(Path(hr_dir), out)
+    check_outside_sources(Path(lr_dir), out)
+    hr_files = {path.name: path for path in find_images(hr_dir)}
+    lr_files = {path.name: path for path in find_images(lr_dir)}
+    problems = [f"{hr_files[name]}: no LR image of the same name in {lr_dir}" for name in sorted(hr_files)
+                if name not in lr_files]
+    problems += [f"{lr_files[name]}: no HR image of the same name in {hr_dir}" for name in sorted(lr_files)
+                 if name not in hr_files]
+    names = sorted(set(hr_files) & set(lr_files))
+    check_force_targets(out, [out / "manifest.json"] + [out / folder / f"{Path(name).stem}.png"
+                                                        for name in names for folder in ("HR", "LR")])
+    records: list[dict] = []
+    scale: int | None = None
+    for name in names:
+        try:
+            hr, lr = read_rgb(hr_files[name]), read_rgb(lr_files[name])
+        except ImageError as err:
+            problems.append(str(err))
+            continue
+        ratio = hr.shape[0] / lr.shape[0]
+        if not ratio.is_integer() or hr.shape[1] != ratio * lr.shape[1] or (scale is not None and ratio != scale):
+            problems.append(f"{hr_files[name]}: HR {hr.shape[1]}x{hr.shape[0]} is not "
+                            f"{'an integer multiple' if scale is None else f'{scale}×'} of LR "
+                            f"{lr.shape[1]}x{lr.shape[0]}; crop the pair to matching sizes")
+            continue
+        scale = int(ratio)
+        stem = Path(name).stem
+        write_png(out / "HR" / f"{stem}.png", hr)
+        write_png(out / "LR" / f"{stem}.png", lr)
+        records.append({"name": stem, "hr": f"HR/{stem}.png", "lr": f"LR/{stem}.png", "kernel": None,
+                        "scale": scale, "kernel_type": "real pair"})
+        log(f"{name}: LR {lr.shape[1]}x{lr.shape[0]} → HR {hr.shape[1]}x{hr.shape[0]}")
+    if not records:
+        raise ImageError(f"no usable LR/HR pair in {lr_dir} and {hr_dir}: " + "; ".join(problems[:3]))
+    manifest = {"blinddiff": __version__, "protocol": "pairs", "scale": scale, "downsample": "unknown (real pairs)",
+                "lr_source": str(lr_dir), "hr_source": str(hr_dir), "cases": records}
+    write_json(out / "manifest.json", manifest)
+    return records, problems
+
+
+def degrade_files(inputs: list[str], out: str | Path, scale: int, kernel_spec: str | None, *,
+                  downsample: str = "bicubic", noise: float = 0.0, seed: int = 0, kernel_size: int | None = None,
+                  pipeline: str = "paper", real_config: str | None = None,
                   log: Callable[[str], None] = print) -> list[str]:
-    """Degrade single images: writes `<stem>.png` (LR) and `<stem>_kernel.npy` per input; returns problems."""
+    """Degrade single images: writes `<stem>.png` (LR) and `<stem>_kernel.npy` per input; returns problems.
+
+    `pipeline="paper"`: blur with `kernel_spec`, downsample, noise (SPEC §2). `pipeline="real"`: the
+    real-world chain (`degrade_real_image`) with the `data.real` settings of `real_config` (a preset or
+    YAML file; default `real_test_degradation`); `<stem>_degradation.json` records its noise σ."""
     check_degradation_args(scale, downsample, noise)
-    size = default_kernel_size(kernel_spec, kernel_size)
-    parse_kernel_spec(kernel_spec, size, generator=torch.Generator().manual_seed(seed))  # fail early on a bad spec
+    if pipeline not in ("paper", "real"):
+        raise ValueError(f"pipeline {pipeline!r} is unknown; use paper or real")
+    settings = None
+    if pipeline == "real":
+        if kernel_spec is not None or noise:
+            raise ValueError("pipeline=real draws its own kernels and noise; leave out kernel and noise")
+        if real_config is not None:
+            from .config import load_config
+
+            settings = load_config(real_config).data.real
+    else:
+        if kernel_spec is None:
+            raise ValueError("pipeline=paper needs a kernel (e.g. iso:2.6 or random-iso)")
+        size = default_kernel_size(kernel_spec, kernel_size)
+        parse_kernel_spec(kernel_spec, size, generator=torch.Generator().manual_seed(seed))  # fail early
     out = Path(out)
     check_output_folder(out)
     files, problems = expand_inputs(inputs)
-    accepted, collisions = plan_outputs({path: [out / f"{path.stem}.png", out / f"{path.stem}_kernel.npy"]
+    record = ["_degradation.json"] if pipeline == "real" else []  # what the real-world chain drew
+    accepted, collisions = plan_outputs({path: [out / f"{path.stem}{end}" for end in (".png", "_kernel.npy", *record)]
                                          for path in files})
     problems += collisions
-    for path, (target, kernel_file) in accepted.items():
+    for path, (target, kernel_file, *record_file) in accepted.items():
         try:
-            generator = torch.Generator().manual_seed(stem_seed(seed, path.stem))
-            kernel = parse_kernel_spec(kernel_spec, size, generator=generator)[0]
-            lr = degrade_image(mod_crop(read_rgb(path), scale), kernel, scale, downsample, noise,
-                               stem_seed(seed + 1, path.stem))
+            hr = mod_crop(read_rgb(path), scale)
+            if pipeline == "real":
+                lr, kernel, params = degrade_real_image(hr, scale, stem_seed(seed, path.stem), settings)
+                write_json(record_file[0], {"input": path.name, "scale": scale, "pipeline": "real", **params})
+            else:
+                generator = torch.Generator().manual_seed(stem_seed(seed, path.stem))
+                kernel = parse_kernel_spec(kernel_spec, size, generator=generator)[0]
+                lr = degrade_image(hr, kernel, scale, downsample, noise, stem_seed(seed + 1, path.stem))
             write_png(target, lr)
             write_npy(kernel_file, kernel.float().numpy())
         except (ImageError, FileNotFoundError) as err:
@@ -325,7 +425,15 @@ class BenchmarkSet:
     def lr(self, case: dict) -> np.ndarray:
         return read_rgb(self.root / case["lr"])
 
+    @property
+    def has_kernels(self) -> bool:
+        """False for real LR/HR pairs (`build_pair_set`), whose blur nobody knows."""
+        return all(case.get("kernel") for case in self.cases)
+
     def gt_kernel(self, case: dict) -> np.ndarray:
+        if not case.get("kernel"):
+            raise ValueError(f"case {case['name']} is a real LR/HR pair without a ground-truth kernel; leave out "
+                             f"the kernel metrics and the baselines that need the true kernel")
         return np.load(self.root / case["kernel"], allow_pickle=False)
 
 
@@ -341,7 +449,7 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkSet:
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); rebuild it with blinddiff make-benchmark") from None
     cases = manifest.get("cases") if isinstance(manifest, dict) else None
-    needed = ("name", "hr", "lr", "kernel")
+    needed = ("name", "hr", "lr")  # and "kernel", null for real pairs
     if not isinstance(cases, list) or "scale" not in manifest or \
             not all(isinstance(c, dict) and all(k in c for k in needed) for c in cases):
         raise ValueError(f"{path} is not a blinddiff test-set manifest (needs 'scale' and 'cases' with "
@@ -357,7 +465,8 @@ def load_benchmark(root: str | os.PathLike) -> BenchmarkSet:
                 raise ValueError(f"name {case['name']!r} is not a file name")
             check_name_part(case["name"], "name")
             for key in ("hr", "lr", "kernel"):
-                inside(root, case[key], key)
+                if key != "kernel" or case.get(key):
+                    inside(root, case[key], key)
         except ValueError as err:
             raise ValueError(f"{path}: case {index + 1}: {err}; fix or rebuild the manifest") from None
     return BenchmarkSet(root, manifest)

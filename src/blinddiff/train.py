@@ -182,6 +182,7 @@ def init_weights(name_or_path: str) -> Path:
         raise FileNotFoundError(f"train.init_from: {err}") from None
 
 
+LOGGED_LOSSES = ("loss", "mse", "vb", "kernel", "perceptual")  # the terms of training_losses in the log
 NONFINITE_LIMIT = 5  # losses in a row that are NaN/inf before a run counts as diverged
 
 
@@ -258,6 +259,11 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     step_model = torch.compile(wrapped) if tc.compile else wrapped
 
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    perceptual = None
+    if cfg.diffusion.perceptual_loss_weight > 0:  # frozen LPIPS (the installed weights), a loss on x̂0
+        from .perceptual import LPIPS
+
+        perceptual = LPIPS.pretrained(cfg.diffusion.perceptual_loss_net).to(device)
     degradation = TrainingDegradation.from_config(cfg.data)
     dataset = HRPatches(cfg.data.root, cfg.data.crop, skip_bad=cfg.data.skip_bad, cache=cfg.data.cache,
                         seed=tc.seed)
@@ -288,7 +294,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
 
     metrics: dict = {}
     bad_in_a_row = 0
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "kernel": 0.0, "n": 0}
+    window = {**dict.fromkeys(LOGGED_LOSSES, 0.0), "n": 0}
     tic = time.perf_counter()
     model.train()
     data_iter = iter(loader)
@@ -298,11 +304,12 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         with torch.no_grad():
             hr, lr, kernel = degradation(hr, generator)
         with autocast(precision, device):
-            losses = diffusion.training_losses(step_model, hr, lr, kernel, generator=generator, cfg=cfg.diffusion)
+            losses = diffusion.training_losses(step_model, hr, lr, kernel, generator=generator, cfg=cfg.diffusion,
+                                               perceptual=perceptual)
         loss = losses["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        summary = torch.stack([losses[k].detach().mean() for k in ("loss", "mse", "vb", "kernel")])
+        summary = torch.stack([losses[k].detach().mean() for k in LOGGED_LOSSES])
         if runtime.world > 1:
             dist.all_reduce(summary)
             summary /= runtime.world
@@ -324,7 +331,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
             optimizer.step()
             ema.update(model, step)
             loss_avg = value if not math.isfinite(loss_avg) else 0.98 * loss_avg + 0.02 * value
-            for key, v in zip(("loss", "mse", "vb", "kernel"), summary.tolist()):
+            for key, v in zip(LOGGED_LOSSES, summary.tolist()):
                 window[key] += v
             window["n"] += 1
             window["grad_norm"] = grad_norm
@@ -336,12 +343,12 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         if done % tc.log_every == 0 or done == tc.steps:
             elapsed = time.perf_counter() - tic
             n = max(window["n"], 1)
-            metrics = {"step": done, **{k: window[k] / n for k in ("loss", "mse", "vb", "kernel")},
+            metrics = {"step": done, **{k: window[k] / n for k in LOGGED_LOSSES},
                        "grad_norm": window.get("grad_norm", 0.0), "lr": optimizer.param_groups[0]["lr"],
                        "patches_per_s": window["n"] * tc.batch_size * runtime.world / max(elapsed, 1e-9),
                        "skipped": skipped}
             logger.log(metrics, quiet=bar is not None)
-            window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "kernel": 0.0, "n": 0}
+            window = {**dict.fromkeys(LOGGED_LOSSES, 0.0), "n": 0}
             tic = time.perf_counter()
         out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
         if max_seconds is not None and runtime.world > 1:  # every rank stops at the same step
