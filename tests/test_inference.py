@@ -183,7 +183,7 @@ def test_modes_name_the_two_ends_and_flags_override_them():
 
 
 # The settings each shipped model name stands for (README "The paper's other settings").
-SHIPPED_SETTINGS = {"fast-x4": ("iso", 4), "aniso-x4": ("aniso", 4), "deblur-motion": ("motion", 1)}
+SHIPPED_SETTINGS = {"fast-x4": ("iso", 4), "real-x4": ("real", 4), "aniso-x4": ("aniso", 4), "deblur-motion": ("motion", 1)}
 
 
 def test_shipped_models_load_and_match_their_names() -> None:
