@@ -148,6 +148,12 @@ def test_kernel_target_is_the_first_order_blur() -> None:
     assert float(skipped.kernel[0, 10, 10]) == 1.0  # no blur: the identity kernel
 
 
+def test_kernel_target_ignores_the_second_order_blur() -> None:
+    settings = replace(only(("resize",)), second_order_prob=1.0, second=DegradationOrder(stages=("blur",)))
+    out = degrade_real(picture(), settings, 4, generator=generator(2))
+    assert float(out.kernel[0, 10, 10]) == 1.0  # the first order has no blur: the identity
+
+
 def test_held_out_protocol_caps_noise_and_jpeg() -> None:
     settings = real_test_degradation()
     assert settings.clean_fraction == 0

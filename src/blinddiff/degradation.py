@@ -527,8 +527,7 @@ class RealDegradation:
     σ ~ U(0.2, 4), MATLAB bicubic ↓s, 8 bits; SPEC §2 setting 1); otherwise by `first`, then (with
     `second_order_prob`) `second`, then the final stage: resize to H/s × W/s (random mode), then a sinc
     filter (prob `final_sinc_prob`) and JPEG (prob `final_jpeg_prob`, quality `final_jpeg_range`) in
-    random order, then 8 bits. The
-    kernel head learns the first-order kernel (docs/method.md explains why). `shuffle` draws a new
+    random order, then 8 bits. The kernel head learns the first-order kernel (docs/method.md explains why). `shuffle` draws a new
     order of each order's stages per batch (BSRGAN)."""
 
     clean_fraction: float = 0.3
@@ -730,6 +729,7 @@ def degrade_real(hr: Tensor, settings: RealDegradation, scale: int, kernel_size:
     clean = _bernoulli(generator, batch, settings.clean_fraction)
     clean_kernels = sample_isotropic(batch, kernel_size, generator=generator)
     plan = _plan_order(settings.first, batch, kernel_size, settings.shuffle, generator)
+    first_blur = next((p for s, p in plan if s == "blur"), None)  # of the first order only
     if bool(_bernoulli(generator, 1, settings.second_order_prob)[0]):
         plan += _plan_order(settings.second, batch, kernel_size, settings.shuffle, generator)
     cutoff = torch.where(_bernoulli(generator, batch, 0.5),
@@ -747,8 +747,6 @@ def degrade_real(hr: Tensor, settings: RealDegradation, scale: int, kernel_size:
         x = resize(x, target, mode).clamp(0, 1)
         return _quantize(_apply_plan(x, final, noisy, generator))
 
-    first_blur = next((p for s, p in plan if s == "blur"), None)
-    real_kernels = first_blur["kernel"] if first_blur is not None else None
     lr = chain(True)
     noise_sigma = None
     if measure_noise:
@@ -761,10 +759,8 @@ def degrade_real(hr: Tensor, settings: RealDegradation, scale: int, kernel_size:
     identity = torch.zeros(batch, kernel_size, kernel_size)
     identity[:, kernel_size // 2, kernel_size // 2] = 1
     # a first order without a blur stage (or a skipped blur) has the identity as its first-order kernel
-    if real_kernels is None:
-        real_kernels = identity
-    else:
-        real_kernels = torch.where(first_blur["apply"].view(-1, 1, 1), real_kernels, identity)
+    real_kernels = identity if first_blur is None else \
+        torch.where(first_blur["apply"].view(-1, 1, 1), first_blur["kernel"], identity)
     kernels = torch.where(clean.view(-1, 1, 1), clean_kernels, real_kernels).to(hr.device)
     return RealDegraded(lr, kernels, noise_sigma, clean)
 

@@ -99,18 +99,20 @@ def noise_weights(lr: Tensor, floor: float = NOISE_FLOOR) -> Tensor:
     return (floor ** 2 / sigma.clamp_min(1e-6).square()).clamp(max=1.0)
 
 
-def noise_aware_energy(lr: Tensor, scale: int, downsample: str = "bicubic", *, x0_norm_weight: float = 0.0,
-                       weights: Tensor | None = None) -> DataTerm:
-    """The kernel-aware data term weighted per image by `noise_weights(lr)` (or the given `weights` [B]):
-    on a clean input (σ̂ ≤ `NOISE_FLOOR`, what the estimator reads on clean 8-bit images) it is `kernel_aware_energy`; on a noisy or JPEG-compressed input
-    the gradient shrinks as 1/σ̂², as MAP prescribes, so the guidance stops fitting the noise."""
+def noise_aware_energy(lr: Tensor, scale: int, downsample: str = "bicubic", *,
+                       x0_norm_weight: float = 0.0) -> DataTerm:
+    """The kernel-aware data term weighted per image by `noise_weights(lr)`: on a clean input (σ̂ ≤
+    `NOISE_FLOOR`, what the estimator reads on clean 8-bit images) it is `kernel_aware_energy`; on a noisy
+    or JPEG-compressed input the gradient shrinks as 1/σ̂², as MAP prescribes, so the guidance stops
+    fitting the noise."""
     base = kernel_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
-    known = {} if weights is None else {"weights": weights}
+    weights: Tensor | None = None
 
     def energy(x0: Tensor, kernel: Tensor | None) -> Tensor:
-        if "weights" not in known:  # estimated once, at the first step
-            known["weights"] = noise_weights(lr)
-        return known["weights"].to(device=x0.device) * base(x0, kernel)
+        nonlocal weights
+        if weights is None:  # estimated once, at the first step
+            weights = noise_weights(lr)
+        return weights.to(device=x0.device) * base(x0, kernel)
 
     return energy
 
