@@ -192,7 +192,7 @@ def test_suffix_cannot_leave_the_output_folder(weights: Path, tmp_path: Path, ca
 
 def test_shipped_model_and_config_names_win_over_local_files(tmp_path: Path, monkeypatch, weights: Path) -> None:
     from blinddiff.config import load_config
-    from blinddiff.inference import WEIGHTS_DIR, resolve_weights
+    from blinddiff.checkpoint import WEIGHTS_DIR, resolve_weights
 
     monkeypatch.chdir(tmp_path)
     Path("fast-x4").write_bytes(weights.read_bytes())

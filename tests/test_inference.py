@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from blinddiff import BlindDiff
-from blinddiff import inference
+from blinddiff import checkpoint
 from blinddiff.cli import main
 from blinddiff.config import load_config
 from blinddiff.fileio import load_image
@@ -147,20 +147,20 @@ def test_weight_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--allow-pt" in capsys.readouterr().err
     assert main([*run, "--weights", str(pt), "--allow-pt", "--config", "tiny"]) == 0
     assert main([*run, "--weights", str(weights), "--config", "small-x4"]) == 2
-    assert "do not fit" in capsys.readouterr().err
+    assert "does not fit" in capsys.readouterr().err
     # Shipped names resolve inside the package, with a sha256 check.
-    monkeypatch.setattr(inference, "WEIGHTS_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "shipped")
     (tmp_path / "shipped").mkdir()
     (tmp_path / "shipped" / "tiny.safetensors").write_bytes(weights.read_bytes())
-    digest = inference.sha256_of(weights)
+    digest = checkpoint.sha256_of(weights)
     (tmp_path / "shipped" / "registry.json").write_text(
         f'{{"tiny": {{"file": "tiny.safetensors", "sha256": "{digest}"}}}}')
-    assert inference.resolve_weights("tiny") == tmp_path / "shipped" / "tiny.safetensors"
+    assert checkpoint.resolve_weights("tiny") == tmp_path / "shipped" / "tiny.safetensors"
     (tmp_path / "shipped" / "tiny.safetensors").write_bytes(weights.read_bytes() + b" ")
     with pytest.raises(ValueError, match="sha256"):
-        inference.resolve_weights("tiny")
+        checkpoint.resolve_weights("tiny")
     with pytest.raises(FileNotFoundError, match="tiny"):
-        inference.resolve_weights("no-such-model")
+        checkpoint.resolve_weights("no-such-model")
 
 
 def test_modes_name_the_two_ends_and_flags_override_them():
@@ -187,7 +187,8 @@ SHIPPED_SETTINGS = {"fast-x4": ("iso", 4), "real-x4": ("real", 4), "aniso-x4": (
 
 
 def test_shipped_models_load_and_match_their_names() -> None:
-    from blinddiff.inference import DEFAULT_DEBLUR_WEIGHTS, DEFAULT_WEIGHTS, WEIGHTS_DIR, resolve_weights, shipped_weights
+    from blinddiff.checkpoint import WEIGHTS_DIR, resolve_weights, shipped_weights
+    from blinddiff.inference import DEFAULT_DEBLUR_WEIGHTS, DEFAULT_WEIGHTS
 
     registry = shipped_weights()
     assert {DEFAULT_WEIGHTS, DEFAULT_DEBLUR_WEIGHTS} <= set(registry) and set(registry) == set(SHIPPED_SETTINGS)

@@ -265,13 +265,13 @@ def test_setting_presets_on_the_fast_recipe() -> None:
 
 def shipped_or_default_names() -> set[str]:
     """The weights a preset may start from: a shipped name, or the recipe's name before its weights ship."""
-    from blinddiff.inference import shipped_weights
+    from blinddiff.checkpoint import shipped_weights
 
     return set(shipped_weights()) | {"fast-x4"}
 
 
 def test_init_from_takes_a_shipped_name_or_a_path(tmp_path: Path, weights: Path) -> None:
-    from blinddiff.inference import WEIGHTS_DIR, shipped_weights
+    from blinddiff.checkpoint import WEIGHTS_DIR, shipped_weights
     from blinddiff.train import init_weights
 
     name = next(iter(shipped_weights()))

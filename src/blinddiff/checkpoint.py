@@ -10,6 +10,7 @@ checkpoint counts as complete only once its index exists, which is written last.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
@@ -22,10 +23,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .config import Config, config_from_dict, config_to_dict
-from .fileio import atomic_write
+from .fileio import atomic_write, expand_path
 
 FORMAT = "blinddiff-weights-1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{8})\.index\.json")
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, **metadata: Any) -> None:
@@ -84,6 +86,56 @@ def export_weights(source: str | Path, out: str | Path, dtype: str = "fp32") -> 
     cast = {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in weights.items()}
     save_weights(out, cast, cfg, **{k: v for k, v in metadata.items() if k == "step"}, kind="ema", source=str(source))
     return Path(out).stat().st_size
+
+
+def shipped_weights() -> dict[str, dict]:
+    """Name → {"file", "sha256"} of the weights that ship inside the package (`weights/registry.json`)."""
+    registry = WEIGHTS_DIR / "registry.json"
+    return json.loads(registry.read_text()) if registry.is_file() else {}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """The file of shipped weights (checked against its recorded sha256) or a weights file path.
+
+    A shipped name always means the shipped weights, whatever lies in the working directory; a local
+    file of the same name is reached with a path (`./fast-x4`).
+    """
+    shipped = shipped_weights()
+    if isinstance(name_or_path, str) and name_or_path in shipped:
+        entry = shipped[name_or_path]
+        file = WEIGHTS_DIR / entry["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"shipped weights {name_or_path!r} ({file}) are missing from the installation; "
+                                    f"reinstall blinddiff or pass --weights PATH")
+        if sha256_of(file) != entry["sha256"]:
+            raise ValueError(f"shipped weights {file} fail their sha256 check (corrupt or replaced); reinstall blinddiff")
+        return file
+    path = expand_path(name_or_path)
+    if path.is_file():
+        return path
+    names = ", ".join(sorted(shipped)) or "none in this installation"
+    raise FileNotFoundError(f"weights {name_or_path} not found: give a .safetensors file or a shipped name ({names})")
+
+
+def check_state_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str,
+                     config_name: str) -> None:
+    """Refuse a state dict whose names or shapes differ from the network's, in one line naming the source."""
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{label}: {', '.join(sorted(keys)[:4])}{' …' if len(keys) > 4 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("wrong shape", mismatched)) if keys)
+        raise ValueError(f"{where} does not fit the network of config {config_name!r} ({details}); the model "
+                         f"settings must be the ones it was trained with")
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

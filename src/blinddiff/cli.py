@@ -124,7 +124,8 @@ def sample_options_from(args: argparse.Namespace) -> SampleOptions:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from .inference import BlindDiff, upscale_files
+    from .batch import upscale_files
+    from .inference import BlindDiff
 
     model = BlindDiff.from_pretrained(args.weights, device=args.device, precision=args.precision,
                                       config=args.config, allow_pickle=args.allow_pt)

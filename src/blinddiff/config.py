@@ -22,9 +22,9 @@ import yaml
 
 from .data import DataConfig
 from .diffusion import DiffusionConfig
+from .hardware import PRECISIONS
 from .model import MCFormerConfig
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

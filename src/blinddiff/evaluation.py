@@ -382,7 +382,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
     """
     from tqdm import tqdm
 
-    from .inference import size_batches
+    from .batch import size_batches
 
     folder = out / method
     names = suite.image_metrics
@@ -451,7 +451,7 @@ def _run_method(method: str, cases: Sequence[dict], produce: Producer, bench: Be
 def _fingerprint(weights: Path, bench: BenchmarkSet, options: SampleOptions, settings: BenchmarkSettings,
                  precision: str) -> dict:
     """What the saved results depend on: a run folder is resumed only with the same values."""
-    from .inference import sha256_of
+    from .checkpoint import sha256_of
 
     manifest = {k: v for k, v in bench.manifest.items() if k != "cases"}
     return {"weights_sha256": sha256_of(weights), "benchmark": manifest, "cases_sha256": _cases_digest(bench),
@@ -601,7 +601,8 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
     rank 0 writes results.json/.csv/.md, the plots and report.html.
     """
     from .degradation import upsample_bicubic
-    from .inference import BlindDiff, SampleOptions, resolve_weights
+    from .checkpoint import resolve_weights
+    from .inference import BlindDiff, SampleOptions
 
     options = options or SampleOptions()
     settings = settings or BenchmarkSettings()

@@ -10,9 +10,7 @@ the kernel at every step, and the kernel-aware gradient of the data term steers 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,10 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import load_torch, load_weights, prefixed
+from .checkpoint import check_state_fits, load_torch, load_weights, prefixed, resolve_weights
 from .config import Config, config_from_dict, load_config
-from .degradation import estimate_noise_level, matlab_bicubic_resize
-from .fileio import LoadedImage, expand_path, from_tensor, to_tensor
+from .degradation import matlab_bicubic_resize
+from .fileio import from_tensor, to_tensor
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
 from .model import MCFormer
@@ -31,7 +29,6 @@ from .sampling import check_options, data_term, known_kernel, sample, sampling_c
 
 DEFAULT_WEIGHTS = "fast-x4"
 DEFAULT_DEBLUR_WEIGHTS = "deblur-motion"  # `blinddiff deblur` (scale 1, BlindDPS motion blur)
-WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry
 MIN_LR_SIZE = 8  # LR pixels per side; smaller inputs carry too little to estimate a kernel from
 MAX_UNTILED_PIXELS = 1024 * 1024  # HR pixels processed in one piece before --tile is required
 MAX_PIXELS = 16384 * 16384  # HR pixels at all
@@ -76,43 +73,6 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def shipped_weights() -> dict[str, dict]:
-    """Name → {"file", "sha256"} of the weights that ship inside the package (`weights/registry.json`)."""
-    registry = WEIGHTS_DIR / "registry.json"
-    return json.loads(registry.read_text()) if registry.is_file() else {}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_weights(name_or_path: str | Path) -> Path:
-    """The file of shipped weights (checked against its recorded sha256) or a weights file path.
-
-    A shipped name always means the shipped weights, whatever lies in the working directory; a local
-    file of the same name is reached with a path (`./fast-x4`).
-    """
-    shipped = shipped_weights()
-    if isinstance(name_or_path, str) and name_or_path in shipped:
-        entry = shipped[name_or_path]
-        file = WEIGHTS_DIR / entry["file"]
-        if not file.is_file():
-            raise FileNotFoundError(f"shipped weights {name_or_path!r} ({file}) are missing from the installation; "
-                                    f"reinstall blinddiff or pass --weights PATH")
-        if sha256_of(file) != entry["sha256"]:
-            raise ValueError(f"shipped weights {file} fail their sha256 check (corrupt or replaced); reinstall blinddiff")
-        return file
-    path = expand_path(name_or_path)
-    if path.is_file():
-        return path
-    names = ", ".join(sorted(shipped)) or "none in this installation"
-    raise FileNotFoundError(f"weights {name_or_path} not found: give a .safetensors file or a shipped name ({names})")
-
-
 def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: bool = False
                ) -> tuple[MCFormer, Config]:
     """Build the network of a weights file (EMA weights preferred) and load it strictly.
@@ -144,14 +104,7 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
         state = prefixed(tensors, "ema.") or tensors
     with torch.device("meta"):  # shapes only: a config from a file may ask for a huge network
         expected = MCFormer(cfg.model).state_dict()
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        details = "; ".join(f"{label}: {', '.join(sorted(keys)[:4])}{' …' if len(keys) > 4 else ''}"
-                            for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                                ("wrong shape", mismatched)) if keys)
-        raise ValueError(f"weights {path} do not fit the config {cfg.name!r} ({details}); use the config they "
-                         f"were trained with")
+    check_state_fits(state, expected, f"weights {path}", cfg.name)
     broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if broken:
         raise ValueError(f"weights {path} hold NaN or infinite values ({', '.join(broken[:4])}"
@@ -275,117 +228,3 @@ class BlindDiff:
     def upscale_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
         """An alpha channel [B, 1, h, w] resized ×s with MATLAB bicubic (not through the diffusion model)."""
         return matlab_bicubic_resize(alpha.float(), scale=self.scale).clamp(0, 1)
-
-
-def size_batches(items: list, size: Callable[[Any], Any], batch_size: int) -> list[list]:
-    """Items whose `size` is equal (so they stack into one tensor), `batch_size` at a time, in first-seen order."""
-    groups: dict[Any, list] = {}
-    for item in items:
-        groups.setdefault(size(item), []).append(item)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-
-
-@dataclass
-class FileJob:
-    source: Path
-    outputs: list[Path]  # the result, <stem>_kernel.npy and <stem>_kernel.png
-    size: tuple[int, int]  # (height, width) from the file header
-
-
-def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options: SampleOptions, *, seed: int = 0,
-                  batch_size: int = 1, suffix: str = "", ext: str = "auto", save_trajectory: bool = False,
-                  progress: bool = True, log: Callable[[str], None] = print) -> list[str]:
-    """Upscale image files into `out` (module docstring); returns the problems, each naming its input.
-
-    Writes `<stem><suffix>.<ext>`, `<stem>_kernel.npy` and `<stem>_kernel.png`. Grey stays grey, alpha is
-    upscaled separately, 16-bit PNG stays 16-bit, EXIF orientation is applied and the rest of the metadata
-    kept. Options are checked once, up front; every output is planned before anything is written, and an
-    input whose output would overwrite an input or another input's output is refused. Sizes come from the
-    file headers; images are decoded one batch at a time. Images of the same size are processed
-    `batch_size` at a time, each with the same seed (so batching does not change results).
-    """
-    from tqdm import tqdm
-
-    from . import fileio
-
-    if ext not in ("auto", "png", "jpg"):
-        raise ValueError(f"ext={ext!r} is unknown; use png, jpg or auto")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is invalid; use 1 or more")
-    fileio.check_name_part(suffix, "suffix")
-    model.check_options(options, [seed])
-    out = Path(out)
-    fileio.check_output_folder(out)
-    files, problems = fileio.expand_inputs(inputs)
-    planned = {}
-    for path in files:
-        extension = ext if ext != "auto" else ("jpg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
-        planned[path] = [out / f"{path.stem}{suffix}.{extension}", out / f"{path.stem}_kernel.npy",
-                         out / f"{path.stem}_kernel.png", out / f"{path.stem}_estimate.json"]
-    accepted, collisions = fileio.plan_outputs(planned)
-    problems += collisions
-    jobs: list[FileJob] = []
-    for path, outputs in accepted.items():
-        try:
-            size = fileio.image_size(path)
-            check_lr_size(*size, model.scale, options.tile)
-        except (fileio.ImageError, ValueError, FileNotFoundError) as err:
-            problems.append(str(err) if str(path) in str(err) else f"{path}: {err}")
-            continue
-        jobs.append(FileJob(path, outputs, size))
-    batches = size_batches(jobs, lambda job: job.size, batch_size)
-    bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not progress or len(jobs) < 2)
-    for batch in batches:
-        loaded: list[tuple[FileJob, fileio.LoadedImage]] = []
-        for job in batch:  # decoded now, not up front: memory holds one batch
-            try:
-                image = fileio.load_image(job.source)
-                if image.size != job.size:
-                    raise fileio.ImageError(f"{job.source}: decodes to {image.size[1]}x{image.size[0]}, not the "
-                                            f"{job.size[1]}x{job.size[0]} of its header; re-save the file")
-            except (fileio.ImageError, FileNotFoundError) as err:
-                problems.append(str(err) if str(job.source) in str(err) else f"{job.source}: {err}")
-                continue
-            loaded.append((job, image))
-        if not loaded:
-            continue
-        lr = torch.stack([torch.from_numpy(image.rgb).permute(2, 0, 1) for _, image in loaded])
-        callback = trajectory_writer(out, [job.source.stem for job, _ in loaded]) if save_trajectory else None
-        try:
-            sr, kernels = model.run(lr, [seed] * len(loaded), options, callback=callback, progress=progress)
-        except (ValueError, RuntimeError) as err:
-            problems.extend(f"{job.source}: {err}" for job, _ in loaded)
-            continue
-        noise = estimate_noise_level(lr)
-        for (job, image), result, kernel, sigma in zip(loaded, sr, kernels, noise):
-            alpha = None
-            if image.alpha is not None:
-                alpha = model.upscale_alpha(torch.from_numpy(image.alpha)[None, None])[0, 0].numpy()
-            target = job.outputs[0]
-            estimate = {"noise_sigma": round(float(sigma), 3), "noise_scale": "0-255 (8-bit levels)",
-                        "input": job.source.name}
-            try:
-                fileio.write_result(target, LoadedImage(result.permute(1, 2, 0).numpy(), alpha, image.kind),
-                                    kernel.numpy(), stem=job.source.stem, estimate=estimate)
-            except OSError as err:  # disk full, a folder in the way, no permission: this input fails, not the run
-                problems.append(f"{job.source}: could not write {err.filename or target}: {err.strerror or err}")
-                continue
-            log(f"{job.source} → {target}")
-            print(f"{job.source.name}: estimated noise σ {float(sigma):.2f} (0–255), kernel {job.outputs[2].name}",
-                  file=sys.stderr)
-            bar.update(1)
-    bar.close()
-    return problems
-
-
-def trajectory_writer(out: Path, stems: list[str]) -> Callable:
-    """A sampling callback saving x̂0 and k̂_t of every step to `<stem>_trajectory/` (for Fig. 7a-style plots)."""
-    from .fileio import tensor_to_rgb, write_npy, write_png
-
-    def write(info: Any) -> None:
-        for stem, x0, kernel in zip(stems, info.x0, info.kernel):
-            folder = out / f"{stem}_trajectory"
-            write_png(folder / f"step_{info.index:04d}_x0.png", tensor_to_rgb(x0.float()))
-            write_npy(folder / f"step_{info.index:04d}_kernel.npy", kernel.detach().float().cpu().numpy())
-
-    return write

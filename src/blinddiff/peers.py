@@ -406,7 +406,7 @@ def deconvolution_producers(methods: Sequence[str], scale: int, *, gt_kernel: Ca
 
 
 def _sha256(path: Path) -> str:
-    from .inference import sha256_of
+    from .checkpoint import sha256_of
 
     return sha256_of(path)
 

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import checkpoint_index, complete_checkpoints, load_latest_checkpoint, load_weights, prefixed, \
-    prune_checkpoints, save_sharded, save_weights
+from .checkpoint import check_state_fits, checkpoint_index, complete_checkpoints, load_latest_checkpoint, load_weights, \
+    prefixed, prune_checkpoints, resolve_weights, save_sharded, save_weights
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
@@ -174,8 +174,6 @@ def prepare_run(run: Path, config: str | None, overrides: list[str], resume: boo
 
 def init_weights(name_or_path: str) -> Path:
     """The file `train.init_from` names: a shipped model (as `upscale --weights`) or a weights path."""
-    from .inference import resolve_weights
-
     try:
         return resolve_weights(name_or_path)
     except FileNotFoundError as err:
@@ -186,14 +184,9 @@ LOGGED_LOSSES = ("loss", "mse", "vb", "kernel", "perceptual")  # the terms of tr
 NONFINITE_LIMIT = 5  # losses in a row that are NaN/inf before a run counts as diverged
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """load_state_dict, with one line naming the source instead of a page of size mismatches."""
-    expected = model.state_dict()
-    wrong = sorted(set(expected) ^ set(state)) + sorted(k for k in expected if k in state
-                                                          and state[k].shape != expected[k].shape)
-    if wrong:
-        raise ValueError(f"{where} does not fit this network ({len(wrong)} tensors differ, e.g. {wrong[0]}); "
-                         f"the model settings must match the ones it was trained with")
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str, config_name: str) -> None:
+    """load_state_dict after `checkpoint.check_state_fits` (one line naming the source, not a page of mismatches)."""
+    check_state_fits(state, model.state_dict(), where, config_name)
     model.load_state_dict(state)
 
 
@@ -228,7 +221,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     model = build_model(cfg).to(device)
     if tc.init_from:
         tensors, _, _ = load_weights(init_weights(tc.init_from))
-        load_matching(model, prefixed(tensors, "ema.") or tensors, f"train.init_from {tc.init_from}")
+        load_matching(model, prefixed(tensors, "ema.") or tensors, f"train.init_from {tc.init_from}", cfg.name)
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
@@ -241,8 +234,8 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     if latest is not None:
         start, tensors, state = latest
         where = f"checkpoint {checkpoint_index(ckpt_dir, start)} (the run's config plus --set)"
-        load_matching(model, prefixed(tensors, "model."), where)
-        load_matching(ema.model, prefixed(tensors, "ema."), where)
+        load_matching(model, prefixed(tensors, "model."), where, cfg.name)
+        load_matching(ema.model, prefixed(tensors, "ema."), where, cfg.name)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
