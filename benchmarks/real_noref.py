@@ -28,7 +28,7 @@ from blinddiff.degradation import upsample_bicubic
 from blinddiff.evaluation import markdown_table, summarize
 from blinddiff.fileio import (ImageError, expand_path, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json,
                               write_png, write_result)
-from blinddiff.inference import DEFAULT_WEIGHTS, MODES, BlindDiff, SampleOptions
+from blinddiff.inference import DEFAULT_WEIGHTS, MODES, BlindDiff
 from blinddiff.degradation import estimate_noise_level
 from blinddiff.metrics import niqe, piqe
 from blinddiff.peers import NcnnUpscaler, PeersMissing, check_peers
@@ -110,7 +110,7 @@ def main() -> int:
     model = next(iter(models.values()))
     overrides = {k: v for k, v in (("steps", args.steps), ("zeta", args.zeta), ("gradient", args.gradient))
                  if v is not None}
-    options = SampleOptions.for_mode(args.mode, **overrides)
+    options = model.options(args.mode, **overrides)  # as tuned for the first model (the header names them)
     networks: dict[str, Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]] = {}
     if peers:
         try:
@@ -124,7 +124,7 @@ def main() -> int:
 
     def ours(blind: BlindDiff) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]:
         def run(lr: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            sr, kernel = blind.run(lr, [args.seed], options)
+            sr, kernel = blind.run(lr, [args.seed], blind.options(args.mode, **overrides))
             return tensor_to_rgb(sr[0]), kernel[0].numpy()
         return run
 

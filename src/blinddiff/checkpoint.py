@@ -102,6 +102,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sampling_defaults(name_or_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Mode → the sampling options tuned for a shipped model (its registry entry's "sampling"); {} for a file,
+    which then samples with the project's defaults (`inference.MODES`)."""
+    entry = shipped_weights().get(name_or_path) if isinstance(name_or_path, str) else None
+    return {mode: dict(values) for mode, values in (entry or {}).get("sampling", {}).items()}
+
+
 def resolve_weights(name_or_path: str | Path) -> Path:
     """The file of shipped weights (checked against its recorded sha256) or a weights file path.
 

@@ -115,12 +115,47 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def sample_options_from(args: argparse.Namespace) -> SampleOptions:
-    """The options of --mode, with every sampling flag given on the command line taking precedence."""
+    """The options of --mode as tuned for --weights (a shipped model's registry entry), with every sampling
+    flag given on the command line taking precedence."""
+    from dataclasses import fields
+
+    from .checkpoint import sampling_defaults
     from .inference import SampleOptions
 
-    given = {name: getattr(args, name) for name in ("steps", "sampler", "eta", "zeta", "guidance", "gradient",
-                                                     "x0_norm_weight", "tile", "tile_overlap")}
-    return SampleOptions.for_mode(args.mode, **{k: v for k, v in given.items() if v is not None})
+    given = {f.name: getattr(args, f.name) for f in fields(SampleOptions)}
+    return SampleOptions.for_mode(args.mode, sampling_defaults(args.weights),
+                                  **{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .checkpoint import load_weights, resolve_weights, shipped_weights
+    from .inference import DEFAULT_DEBLUR_WEIGHTS, DEFAULT_WEIGHTS, MODES, SampleOptions
+
+    defaults = {DEFAULT_WEIGHTS: "upscale", DEFAULT_DEBLUR_WEIGHTS: "deblur"}
+    rows = []
+    for name, entry in shipped_weights().items():
+        path = resolve_weights(name)  # checks the recorded sha256
+        tensors, cfg, _ = load_weights(path)
+        network = {k: v for k, v in tensors.items() if k.startswith("ema.")} or tensors
+        modes = {mode: SampleOptions.for_mode(mode, entry.get("sampling")) for mode in MODES}
+        rows.append({"name": name, "default_for": defaults.get(name), "setting": cfg.data.setting,
+                     "scale": cfg.data.scale, "parameters": sum(v.numel() for v in network.values()),
+                     "file_bytes": path.stat().st_size, "sha256": entry["sha256"], "file": str(path),
+                     "sampling": {mode: {"steps": o.steps, "sampler": o.sampler, "zeta": o.zeta,
+                                         "guidance": o.guidance, "gradient": o.gradient}
+                                  for mode, o in modes.items()}})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| model | default of | setting | scale | parameters | size | sha256 | perceptual | fidelity |")
+    print("|---|---|---|---:|---:|---:|---|---|---|")
+    for row in rows:
+        sampling = [f"{o['sampler']} {o['steps']} step{'s' * (o['steps'] != 1)}, ζ {o['zeta']:g}"
+                    + (f", {o['guidance']}" if o["zeta"] else "") for o in row["sampling"].values()]
+        print(f"| {row['name']} | {row['default_for'] or ''} | {row['setting']} | ×{row['scale']} | "
+              f"{row['parameters'] / 1e6:.2f} M | {row['file_bytes'] / 2**20:.1f} MiB | {row['sha256'][:12]} | "
+              f"{' | '.join(sampling)} |")
+    return 0
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -356,6 +391,11 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=cmd_info)
 
 
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (with the full sha256 and file path)")
+    parser.set_defaults(run=cmd_models)
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
     parser.add_argument("--sr", required=True, help="folder of SR results <name><suffix>.png (+ <name>_kernel.npy)")
@@ -406,6 +446,9 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "deblur": ("blind deblurring with a scale-1 model",
                "Blind deblurring: `upscale` with a scale-1 model (default: the shipped deblur-motion).",
                add_deblur_arguments),
+    "models": ("the shipped models: setting, scale, size, sha256, sampling defaults",
+               "List the models that ship with the package (pass a name to --weights); each is checked against "
+               "its recorded sha256.", add_models_arguments),
     "info": ("parameters and GFLOPs of a config's network",
              "Parameter counts (total and per part) and GFLOPs of one forward.", add_info_arguments),
     "evaluate": ("score SR results of a test set (PSNR/SSIM/LPIPS/DISTS/NIQE/FID/kernels)",

@@ -20,7 +20,7 @@ import torch
 
 from .degradation import degrade, estimate_noise_level, upsample_bicubic
 from .fileio import expand_path, kernel_picture, read_rgb, rgb_to_tensor, tensor_to_rgb, write_png
-from .inference import DEFAULT_WEIGHTS, MODES, BlindDiff, SampleOptions
+from .inference import DEFAULT_WEIGHTS, MODES, BlindDiff
 from .kernels import isotropic_gaussian
 from .metrics import evaluate_pair
 from .perceptual import load_perceptual
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"blind ×{scale} SR of a {size}x{size} crop of skimage's astronaut, Gaussian kernel σ={args.sigma}")
     for name, score in scores.items():
         lpips = f", LPIPS-VGG {score['lpips_vgg']:.4f}" if "lpips_vgg" in score else ""
-        timing = f"  ({SampleOptions.for_mode(name).steps} steps, {seconds[name]:.1f} s)" if name in seconds else ""
+        timing = f"  ({model.options(name).steps} steps, {seconds[name]:.1f} s)" if name in seconds else ""
         print(f"{name + ':':<12} PSNR-Y {score['psnr']:.2f} dB{lpips}{timing}")
     print(f"wrote {out / 'demo.png'}: LR (nearest) | bicubic | {' | '.join(MODES)} | HR | GT kernel | "
           f"estimated kernel (perceptual)")

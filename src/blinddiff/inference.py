@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from .checkpoint import check_state_fits, load_torch, load_weights, prefixed, resolve_weights
+from .checkpoint import check_state_fits, load_torch, load_weights, prefixed, resolve_weights, sampling_defaults
 from .config import Config, config_from_dict, load_config
 from .degradation import matlab_bicubic_resize
 from .fileio import from_tensor, to_tensor
@@ -40,8 +40,9 @@ class SampleOptions:
 
     Two ends of the perception–distortion trade-off are named (`for_mode`): "perceptual" (the default)
     runs the guided MAP reverse process; "fidelity" takes the network's x̂0 from pure noise in ONE step,
-    which for an x0-predicting model is its MMSE estimate (highest PSNR, smooth). Values chosen on Set5
-    with the default model (`benchmarks/sampler_sweep.py`, docs/results.md). Pass `steps=50, zeta=1,
+    which for an x0-predicting model is its MMSE estimate (highest PSNR, smooth). The defaults were chosen
+    on Set5 with the default model (`benchmarks/sampler_sweep.py`, docs/results.md); each shipped model
+    carries its own tuned values in the weights registry (`BlindDiff.options`). Pass `steps=50, zeta=1,
     gradient="xt"` for the paper's setting.
     """
 
@@ -56,15 +57,18 @@ class SampleOptions:
     tile_overlap: int = 32
 
     @classmethod
-    def for_mode(cls, mode: str = "perceptual", **overrides: Any) -> "SampleOptions":
-        """The options of a named mode ("perceptual" | "fidelity"), with any field overridden."""
+    def for_mode(cls, mode: str = "perceptual", defaults: Mapping[str, Mapping[str, Any]] | None = None,
+                 **overrides: Any) -> "SampleOptions":
+        """The options of a named mode ("perceptual" | "fidelity"): the project's `MODES`, then the model's own
+        tuned `defaults` for that mode (`checkpoint.sampling_defaults`), then any field overridden."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown sampling option(s) {', '.join(unknown)}; "
-                             f"valid: {', '.join(f.name for f in fields(cls))}")
-        return replace(cls(**MODES[mode]), **overrides)
+        tuned = dict((defaults or {}).get(mode, {}))
+        for source, values in (("the model's sampling defaults", tuned), ("sampling option(s)", overrides)):
+            unknown = sorted(set(values) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown {source} {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}")
+        return replace(cls(**MODES[mode]), **{**tuned, **overrides})
 
 
 MODES: dict[str, dict[str, Any]] = {
@@ -144,15 +148,21 @@ def check_lr_size(height: int, width: int, scale: int, tile: int | None) -> None
 class BlindDiff:
     """A trained MCFormer with its config, ready to run the blind MAP reverse process."""
 
-    def __init__(self, model: MCFormer, cfg: Config, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, model: MCFormer, cfg: Config, device: torch.device, precision: str = "fp32",
+                 sampling: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.model, self.cfg, self.device = model.to(device), cfg, device
         self.precision = resolve_precision(precision, device)
+        self.sampling = dict(sampling or {})  # mode → the options tuned for these weights (SampleOptions.for_mode)
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path = DEFAULT_WEIGHTS, *, device: str = "auto",
                         precision: str = "fp32", config: str | None = None, allow_pickle: bool = False) -> "BlindDiff":
         model, cfg = load_model(path_or_name, config=config, allow_pickle=allow_pickle)
-        return cls(model, cfg, pick_device(device), precision)
+        return cls(model, cfg, pick_device(device), precision, sampling_defaults(path_or_name))
+
+    def options(self, mode: str = "perceptual", **overrides: Any) -> SampleOptions:
+        """The sampling options of `mode` for these weights, with any field overridden."""
+        return SampleOptions.for_mode(mode, self.sampling, **overrides)
 
     @property
     def scale(self) -> int:
@@ -206,7 +216,7 @@ class BlindDiff:
         """
         rgb, alpha, kind = to_tensor(image)
         given = None if kernel is None else given_kernels(kernel, rgb.shape[0])
-        sr, estimated = self.run(rgb, [seed] * rgb.shape[0], SampleOptions.for_mode(mode, **options), kernel=given,
+        sr, estimated = self.run(rgb, [seed] * rgb.shape[0], self.options(mode, **options), kernel=given,
                                  callback=callback, progress=progress)
         alpha_up = None if alpha is None else self.upscale_alpha(alpha)
         out_kernel: Any = estimated if kind.source == "tensor" and kind.ndim == 4 else estimated[0]
