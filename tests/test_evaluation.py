@@ -168,7 +168,7 @@ def test_evaluate_reports_missing_and_missized_files(bench: Path, tmp_path: Path
     assert run_cli("evaluate", "--benchmark", str(bench), "--sr", str(sr)) == 1
     captured = capsys.readouterr()
     assert first in captured.err and f"{second}.png" in captured.err and "40x40" in captured.err
-    assert "2 input(s) failed" in captured.err
+    assert f"2 of {len(cases(bench))} inputs failed" in captured.err
     result = json.loads((sr / "metrics.json").read_text())
     assert {row["name"] for row in result["cases"]} == {c["name"] for c in cases(bench)} - {first, second}
     assert len(result["problems"]) == 2 and "| sr | 2 |" in captured.out

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
 import pickle
+import shutil
+import signal
 import struct
+import subprocess
+import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -36,9 +43,9 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def crafted_png(width: int, height: int, idat: bytes) -> bytes:
-    """An RGB PNG with any header size and IDAT payload, every CRC valid."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+def crafted_png(width: int, height: int, idat: bytes, depth: int = 8) -> bytes:
+    """An RGB PNG with any header size, bit depth and IDAT payload, every CRC valid."""
+    header = struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
@@ -502,8 +509,8 @@ def test_resume_skips_a_truncated_checkpoint_and_cleans_temporaries(hr_folder: P
     assert main(args) == 0
     shard = run / "checkpoints" / "step_00000004-00001-of-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
-    (run / "checkpoints" / ".step_00000006.index.json.abc.tmp").write_bytes(b"half")
-    (run / ".weights.safetensors.abc.tmp").write_bytes(b"half")
+    killed_while_writing(run / "checkpoints" / "step_00000006.index.json", run / "weights.safetensors")
+    assert len(list(run.rglob("*.tmp"))) == 2
     assert main(["train", "--out", str(run), "--resume", "--no-progress", "--set", "train.steps=6"]) == 0
     assert not list(run.rglob("*.tmp"))
     assert (run / "checkpoints" / "step_00000006.index.json").is_file()
@@ -585,3 +592,296 @@ def test_benchmark_checks_sampling_options_up_front(hr_folder: Path, tmp_path: P
                  str(weights), "--steps", "0", "--no-progress"]) == 2
     assert capsys.readouterr().err.count("steps") == 1
     assert not (tmp_path / "run").exists()  # refused before any case ran
+
+
+# ---------------------------------------------------------------- 20: file input and output of upscale / make-benchmark
+
+
+def killed_while_writing(*paths: Path) -> None:
+    """Start an `atomic_write` of each path in a child process that is then killed with SIGKILL, as a user's
+    kill -9 would: what it leaves behind is exactly what a real interrupted run leaves."""
+    import blinddiff
+
+    code = ("import os, signal, sys\nfrom blinddiff.fileio import atomic_write\nwrites = []\n"
+            "for path in sys.argv[1:]:\n    writes.append(atomic_write(path))\n"
+            "    writes[-1].__enter__().write(b'half')\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(blinddiff.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], env=env, capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.png"])
+def test_an_output_cut_short_by_a_full_disk_fails_that_input(weights: Path, tmp_path: Path, capsys, monkeypatch,
+                                                             name: str) -> None:
+    resource = pytest.importorskip("resource")
+    from blinddiff import fileio
+
+    save(tmp_path / "in" / name, 24, 24)
+    out = tmp_path / "out"
+    real = fileio.save_image
+
+    def nearly_full_disk(path, *args, **kwargs):  # the kernel: writes past 1000 bytes fail (EFBIG), part-way
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+        try:
+            return real(path, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, ignored)
+
+    monkeypatch.setattr(fileio, "save_image", nearly_full_disk)
+    assert main(["upscale", str(tmp_path / "in"), "--out", str(out), "--weights", str(weights), *FAST]) == 1
+    assert name in capsys.readouterr().err
+    assert not (out / name).exists() and not list(out.glob(".*.tmp"))  # nothing truncated committed or left
+
+
+def truncated_images(folder: Path) -> list[Path]:
+    """PNGs whose headers say 100×100 but whose (valid, complete) compressed data hold 10 rows: 8 and 16 bits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, depth in (("short.png", 8), ("short16.png", 16)):
+        rows = b"".join(b"\x00" + bytes([200]) * (100 * 3 * depth // 8) for _ in range(10))
+        (folder / name).write_bytes(crafted_png(100, 100, zlib.compress(rows), depth))
+    return [folder / "short.png", folder / "short16.png"]
+
+
+def test_truncated_images_are_refused_everywhere(weights: Path, hr_folder: Path, tmp_path: Path, capsys) -> None:
+    from blinddiff.fileio import ImageError, load_image
+
+    bad = truncated_images(tmp_path / "bad")
+    for path in bad:
+        with pytest.raises(ImageError, match=rf"{path.name}: truncated"):
+            load_image(path)
+    assert main(["upscale", *map(str, bad), "--out", str(tmp_path / "out"), "--weights", str(weights), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert all(f"{path}: truncated" in err for path in bad) and not (tmp_path / "out" / "short.png").exists()
+    for path in bad:  # as ground truth of a test set, next to good images
+        shutil.copy(path, hr_folder / path.name)
+    out = tmp_path / "set"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(out), "--protocol", "iso:1"]) == 1
+    err = capsys.readouterr().err
+    assert all(f"{path.name}: truncated" in err for path in bad)
+    assert {case["hr"] for case in json.loads((out / "manifest.json").read_text())["cases"]} == {
+        "HR/astronaut.png", "HR/camera.png"}
+    sr = tmp_path / "sr"  # and as a result to score
+    sr.mkdir()
+    for case in json.loads((out / "manifest.json").read_text())["cases"]:
+        shutil.copy(bad[0], sr / f"{case['name']}.png")
+    assert main(["evaluate", "--benchmark", str(out), "--sr", str(sr), "--metrics", "psnr"]) == 1
+    assert "truncated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", ["_kernel", "_KERNEL"])
+def test_a_suffix_naming_results_like_their_kernel_files_is_refused(weights: Path, tmp_path: Path, capsys,
+                                                                    suffix: str) -> None:
+    save(tmp_path / "in" / "a.png")
+    assert main(["upscale", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--suffix", suffix,
+                 "--weights", str(weights), *FAST]) == 2
+    assert "--suffix" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_outputs_are_never_taken_as_inputs(weights: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "in"
+    for name in ("a", "b"):
+        save(folder / f"{name}.png")
+    inside = ["upscale", str(folder), "--out", str(folder / "x4"), "--weights", str(weights), *FAST]
+    assert main(inside) == 0
+    first = snapshot(folder)
+    capsys.readouterr()
+    assert main(inside) == 0  # the outputs in in/x4 are not inputs: same files, rewritten
+    assert snapshot(folder).keys() == first.keys()
+    assert "skipped" in capsys.readouterr().err
+    same = ["upscale", str(folder), "--out", str(folder), "--suffix", "_x4", "--save-trajectory",
+            "--weights", str(weights), *FAST]
+    assert main(same) == 0
+    first = sorted(snapshot(folder))
+    capsys.readouterr()
+    assert main(same) == 0 and main(["upscale", str(folder / "*.png"), *same[2:]]) == 0
+    assert sorted(snapshot(folder)) == first and not (folder / "a_x4_x4.png").exists()
+    err = capsys.readouterr().err
+    assert err.count("blinddiff: warning: skipped") == 2 and "a_kernel.png" in err
+    assert main(["upscale", str(folder / "a_x4.png"), "--out", str(tmp_path / "x16"), "--weights", str(weights),
+                 *FAST]) == 0  # a result named on its own is taken (e.g. to upscale it again)
+    assert (tmp_path / "x16" / "a_x4.png").is_file()
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made unwritable: immutable for root (whom permissions do not stop), else mode 0555."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = os.geteuid() == 0
+    if root and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root and chattr +i is not available here, so no folder is read-only")
+    if not root:
+        folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+
+
+def test_a_read_only_out_fails_before_the_model_runs(weights: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from blinddiff import inference
+
+    save(tmp_path / "in" / "a.png")
+    runs: list[int] = []
+
+    def run(self, lr, *args, **kwargs):
+        runs.append(1)
+        raise RuntimeError("the model ran")
+
+    monkeypatch.setattr(inference.BlindDiff, "run", run)
+    with read_only(tmp_path / "locked") as locked:
+        for out in (locked, locked / "new"):
+            assert main(["upscale", str(tmp_path / "in"), "--out", str(out), "--weights", str(weights), *FAST]) == 2
+            err = capsys.readouterr().err
+            assert f"--out {out}" in err and "not writable" in err
+        assert main(["make-benchmark", "--hr", str(tmp_path / "in"), "--out", str(locked / "set"),
+                     "--protocol", "iso:1"]) == 2
+        assert "not writable" in capsys.readouterr().err
+    assert runs == []
+
+
+def test_temporaries_of_killed_runs_are_cleaned_and_nothing_else(weights: Path, hr_folder: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    from blinddiff.fileio import atomic_write
+
+    save(tmp_path / "in" / "a.png")
+    out, testset = tmp_path / "out", tmp_path / "set"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(testset), "--protocol", "iso:1"]) == 0
+    killed_while_writing(out / "a.png", out / "a_kernel.npy", testset / "HR" / "camera.png", testset / "manifest.json")
+    (out / ".notes.tmp").write_text("the user's")  # not blinddiff's temporary files: never removed
+    (out / ".a.png.k2j4x9ab.tmp").write_text("the user's too")
+    with atomic_write(out / "b.png") as handle:  # a write in progress (this process): kept
+        handle.write(b"in progress")
+        assert main(["upscale", str(tmp_path / "in"), "--out", str(out), "--weights", str(weights), *FAST]) == 0
+        left = {p.name for p in out.glob(".*.tmp")}
+        assert len(left) == 3 and {".a.png.k2j4x9ab.tmp", ".notes.tmp"} < left and len(list(out.glob(".b.png.*"))) == 1
+    assert (out / "b.png").read_bytes() == b"in progress"
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(testset), "--protocol", "iso:1",
+                 "--force"]) == 0
+    assert not list(testset.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["anim.gif", "anim.webp", "pages.tif", "anim.png"])
+def test_animated_and_multi_page_images_warn_that_only_the_first_frame_is_used(tmp_path: Path, name: str) -> None:
+    from blinddiff.fileio import load_image
+
+    first, second = Image.fromarray(sample_rgb(12, 12)), Image.fromarray(sample_rgb(12, 12, "coffee"))
+    first.save(tmp_path / name, save_all=True, append_images=[second])
+    with pytest.warns(UserWarning, match=rf"{name}: holds 2 frames.*only the first"):
+        loaded = load_image(tmp_path / name)
+    assert loaded.size == (12, 12)
+
+
+def test_input_warnings_are_one_line_on_the_command_line(weights: Path, tmp_path: Path, capsys) -> None:
+    Image.fromarray(sample_rgb(12, 12)).save(tmp_path / "anim.gif", save_all=True,
+                                             append_images=[Image.fromarray(sample_rgb(12, 12, "coffee"))])
+    rgba = np.dstack([sample_rgb(12, 12), np.full((12, 12), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    out = tmp_path / "out"
+    assert main(["upscale", str(tmp_path / "anim.gif"), str(tmp_path / "alpha.png"), "--ext", "jpg", "--out", str(out),
+                 "--weights", str(weights), *FAST]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and all(line.startswith("blinddiff: warning: ") for line in warnings)
+    assert "anim.gif" in warnings[0] and "first" in warnings[0]
+    assert str(out / "alpha.jpg") in warnings[1] and "alpha" in warnings[1] and "--ext png" in warnings[1]
+    with Image.open(out / "alpha.jpg") as result:
+        assert result.mode == "RGB"
+
+
+def test_input_discovery_and_planning_are_linear(model: BlindDiff, tmp_path: Path, monkeypatch) -> None:
+    import pathlib
+
+    from blinddiff.batch import upscale_files
+    from blinddiff.inference import SampleOptions
+
+    count = 3000
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(count):
+        (folder / f"{index:05d}.png").touch()
+    comparisons = 0
+    equal = pathlib.PurePath.__eq__
+
+    def counted(self, other):
+        nonlocal comparisons
+        comparisons += 1
+        return equal(self, other)
+
+    monkeypatch.setattr(pathlib.PurePath, "__eq__", counted)
+    problems = upscale_files(model, [str(folder), str(folder / "*.png")], tmp_path / "out", SampleOptions(steps=2),
+                             progress=False, log=lambda line: None)
+    monkeypatch.undo()
+    assert len(problems) == count and all("empty" in p or "not a readable image" in p for p in problems)
+    assert comparisons < 30 * count  # a few per file; a search through the files found so far makes millions
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(weights: Path, tmp_path: Path, capsys) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    good = save(tmp_path / "in" / "a.png")
+    stop = threading.Event()
+
+    def unblock_readers() -> None:  # so that a reader that opened the FIFO gets end-of-file, not a hang
+        while not stop.wait(0.1):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=unblock_readers, daemon=True)
+    thread.start()
+    try:
+        assert main(["upscale", str(fifo), str(good), "--out", str(tmp_path / "out"), "--weights", str(weights),
+                     *FAST]) == 1
+    finally:
+        stop.set()
+        thread.join()
+    assert f"{fifo}: not a regular file" in capsys.readouterr().err
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 7), np.float32),
+                                   torch.zeros(3, 0, 5), torch.zeros(0, 3, 8, 8)])
+def test_api_refuses_empty_images_clearly(model: BlindDiff, image) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        model.upscale(image, steps=2)
+
+
+def test_api_errors_name_api_parameters_and_the_cli_its_flags(tmp_path: Path, capsys) -> None:
+    from blinddiff.config import load_config
+    from blinddiff.model import MCFormer
+
+    pt = tmp_path / "tiny.pt"
+    torch.save(MCFormer(load_config("tiny").model).state_dict(), pt)
+    with pytest.raises(ValueError, match="allow_pickle=True") as error:
+        BlindDiff.from_pretrained(pt, device="cpu")
+    assert "--" not in str(error.value)
+    with pytest.raises(ValueError, match="config=") as error:
+        BlindDiff.from_pretrained(pt, device="cpu", allow_pickle=True)
+    assert "--" not in str(error.value)
+    save(tmp_path / "a.png")
+    run = ["upscale", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--weights", str(pt), *FAST]
+    assert main(run) == 2
+    assert "pass --allow-pickle to read it" in capsys.readouterr().err
+    assert main([*run, "--allow-pt"]) == 2
+    assert "pass --config PRESET_OR_FILE" in capsys.readouterr().err
+
+
+def test_the_failure_summary_is_true(weights: Path, tmp_path: Path, capsys) -> None:
+    for name in ("x", "y"):
+        (tmp_path / "bad" / f"{name}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "bad" / f"{name}.png").touch()
+    good = save(tmp_path / "good" / "a.png")
+    run = ["--out", str(tmp_path / "out"), "--weights", str(weights), *FAST]
+    assert main(["upscale", str(tmp_path / "bad"), *run]) == 1
+    err = capsys.readouterr().err
+    assert "all 2 inputs failed" in err and "processed" not in err
+    assert main(["upscale", str(tmp_path / "bad" / "x.png"), *run]) == 1
+    assert "failed" not in capsys.readouterr().err  # one input: its error says it all
+    assert main(["upscale", str(tmp_path / "bad" / "x.png"), str(good), *run]) == 1
+    assert "1 of 2 inputs failed (see above); the other was processed" in capsys.readouterr().err

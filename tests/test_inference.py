@@ -144,7 +144,7 @@ def test_weight_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     pt = tmp_path / "tiny.pt"
     torch.save(MCFormer(load_config("tiny").model).state_dict(), pt)
     assert main([*run, "--weights", str(pt)]) == 2
-    assert "--allow-pt" in capsys.readouterr().err
+    assert "--allow-pickle" in capsys.readouterr().err
     assert main([*run, "--weights", str(pt), "--allow-pt", "--config", "tiny"]) == 0
     assert main([*run, "--weights", str(weights), "--config", "small-x4"]) == 2
     assert "does not fit" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from .degradation import estimate_noise_level
 from .fileio import LoadedImage
 from .inference import BlindDiff, SampleOptions, check_lr_size
 
-__all__ = ["FileJob", "size_batches", "trajectory_writer", "upscale_files"]
+__all__ = ["FileJob", "check_suffix", "file_outputs", "size_batches", "trajectory_writer", "upscale_files"]
 
 
 def size_batches(items: list, size: Callable[[Any], Any], batch_size: int) -> list[list]:
@@ -24,6 +24,23 @@ def size_batches(items: list, size: Callable[[Any], Any], batch_size: int) -> li
     for item in items:
         groups.setdefault(size(item), []).append(item)
     return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def file_outputs(out: Path, stem: str, suffix: str, extension: str) -> list[Path]:
+    """What one input writes: the result `<stem><suffix>.<extension>`, its kernel (.npy and picture) and its
+    noise estimate (`fileio.write_result`)."""
+    return [out / f"{stem}{suffix}.{extension}", out / f"{stem}_kernel.npy", out / f"{stem}_kernel.png",
+            out / f"{stem}_estimate.json"]
+
+
+def check_suffix(suffix: str, ext: str) -> None:
+    """Refuse a suffix whose result would overwrite its own kernel or estimate file (e.g. `_kernel`)."""
+    fileio.check_name_part(suffix, "suffix")
+    for extension in ("png", "jpg") if ext == "auto" else (ext,):
+        result, *companions = [path.name for path in file_outputs(Path(), "x", suffix, extension)]
+        if result.casefold() in {name.casefold() for name in companions}:
+            raise ValueError(f"suffix={suffix!r} names each result like its own kernel or estimate file "
+                             f"({result}); choose another suffix, e.g. _x4")
 
 
 @dataclass
@@ -38,7 +55,8 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
                   progress: bool = True, log: Callable[[str], None] = print) -> list[str]:
     """Upscale image files into `out` (module docstring); returns the problems, each naming its input.
 
-    Writes `<stem><suffix>.<ext>`, `<stem>_kernel.npy` and `<stem>_kernel.png`. Grey stays grey, alpha is
+    Writes `<stem><suffix>.<ext>`, `<stem>_kernel.npy`, `<stem>_kernel.png` and `<stem>_estimate.json`
+    (`file_outputs`); earlier outputs found in folders are not taken as inputs. Grey stays grey, alpha is
     upscaled separately, 16-bit PNG stays 16-bit, EXIF orientation is applied and the rest of the metadata
     kept. Options are checked once, up front; every output is planned before anything is written, and an
     input whose output would overwrite an input or another input's output is refused. Sizes come from the
@@ -51,16 +69,17 @@ def upscale_files(model: BlindDiff, inputs: list[str], out: str | Path, options:
         raise ValueError(f"ext={ext!r} is unknown; use png, jpg or auto")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid; use 1 or more")
-    fileio.check_name_part(suffix, "suffix")
+    check_suffix(suffix, ext)
     model.check_options(options, [seed])
     out = Path(out)
     fileio.check_output_folder(out)
-    files, problems = fileio.expand_inputs(inputs)
+    for folder in (out, *out.glob("*_trajectory")):
+        fileio.remove_temporaries(folder)  # left by a process killed mid-write
+    files, problems = fileio.expand_inputs(inputs, out)
     planned = {}
     for path in files:
         extension = ext if ext != "auto" else ("jpg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
-        planned[path] = [out / f"{path.stem}{suffix}.{extension}", out / f"{path.stem}_kernel.npy",
-                         out / f"{path.stem}_kernel.png", out / f"{path.stem}_estimate.json"]
+        planned[path] = file_outputs(out, path.stem, suffix, extension)
     accepted, collisions = fileio.plan_outputs(planned)
     problems += collisions
     jobs: list[FileJob] = []

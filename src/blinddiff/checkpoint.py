@@ -121,7 +121,7 @@ def resolve_weights(name_or_path: str | Path) -> Path:
         file = WEIGHTS_DIR / entry["file"]
         if not file.is_file():
             raise FileNotFoundError(f"shipped weights {name_or_path!r} ({file}) are missing from the installation; "
-                                    f"reinstall blinddiff or pass --weights PATH")
+                                    f"reinstall blinddiff or give the path of a weights file")
         if sha256_of(file) != entry["sha256"]:
             raise ValueError(f"shipped weights {file} fail their sha256 check (corrupt or replaced); reinstall blinddiff")
         return file

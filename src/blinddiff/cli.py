@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
@@ -24,17 +24,29 @@ if TYPE_CHECKING:
 
 
 def with_flags(message: str, args: argparse.Namespace) -> str:
-    """Library errors name parameters (`tile=4: …`); on the command line the flag is named (`--tile 4: …`)."""
-    return re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=",
-                  lambda m: f"--{m[1].replace('_', '-')} " if m[1] in vars(args) else m[0], message)
+    """Library errors name parameters (`tile=4: …`); on the command line the flag is named (`--tile 4: …`),
+    and a switch given as `name=True` is the bare flag (`allow_pickle=True` → `--allow-pickle`)."""
+    def flag(match: re.Match) -> str:
+        name, value = match[1], match[2]
+        if name not in vars(args):
+            return match[0]
+        switch = value == "True" and isinstance(vars(args)[name], bool)
+        return f"--{name.replace('_', '-')}" + ("" if switch else f" {value or ''}")
+
+    return re.sub(r"(?<![\w-])([a-z][a-z0-9_]*)=(True\b)?", flag, message)
 
 
-def report(problems: list[str], args: argparse.Namespace) -> int:
-    """Print per-input problems to stderr; exit status 1 if there were any."""
+def report(problems: list[str], args: argparse.Namespace, processed: int | None = None) -> int:
+    """Print per-input problems to stderr, then (for more than one input) how many failed of how many, when
+    `processed` (the inputs done) is known; exit status 1 if there were any problems."""
     for problem in problems:
         print(f"blinddiff: error: {with_flags(problem, args)}", file=sys.stderr)
-    if problems:
-        print(f"blinddiff: {len(problems)} input(s) failed (see above); the others were processed", file=sys.stderr)
+    failed = len(problems)
+    if failed and processed:
+        print(f"blinddiff: {failed} of {failed + processed} inputs failed (see above); the other"
+              f"{f's ({processed}) were' if processed > 1 else ' was'} processed", file=sys.stderr)
+    elif failed > 1:
+        print(f"blinddiff: {'all ' if processed == 0 else ''}{failed} inputs failed (see above)", file=sys.stderr)
     return 1 if problems else 0
 
 
@@ -49,12 +61,12 @@ def cmd_make_benchmark(args: argparse.Namespace) -> int:
                              f"{'it' if len(given) == 1 else 'them'} out")
         records, problems = build_pair_set(args.hr, args.lr, args.out, force=args.force)
         print(f"wrote {len(records)} real pair(s) to {args.out} (manifest: {args.out}/manifest.json)")
-        return report(problems, args)
+        return report(problems, args, processed=len(records))
     records, problems = build_testset(args.hr, args.out, args.protocol, args.scale, downsample=args.downsample,
                                       noise=args.noise, seed=args.seed, kernel_size=args.kernel_size,
                                       crop=args.crop, limit=args.limit, force=args.force)
     print(f"wrote {len(records)} case(s) to {args.out} (manifest: {args.out}/manifest.json)")
-    return report(problems, args)
+    return report(problems, args, processed=len({record["hr"] for record in records}))
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
@@ -163,13 +175,19 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from .inference import BlindDiff
 
     model = BlindDiff.from_pretrained(args.weights, device=args.device, precision=args.precision,
-                                      config=args.config, allow_pickle=args.allow_pt)
+                                      config=args.config, allow_pickle=args.allow_pickle)
     if args.command == "deblur":
         model.check_deblurring()
+    written: list[str] = []
+
+    def log(line: str) -> None:  # one line per input done
+        written.append(line)
+        print(line)
+
     problems = upscale_files(model, args.inputs, args.out, sample_options_from(args), seed=args.seed,
                              batch_size=args.batch_size, suffix=args.suffix, ext=args.ext,
-                             save_trajectory=args.save_trajectory, progress=not args.no_progress)
-    return report(problems, args)
+                             save_trajectory=args.save_trajectory, progress=not args.no_progress, log=log)
+    return report(problems, args, processed=len(written))
 
 
 def add_metric_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
@@ -232,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print()
             print(markdown_table(group_summaries(rows, suite.names), suite.names, first="kernel"), end="")
         print(f"{len(rows)} of {len(bench.cases)} case(s) scored; per-image results: {json_path}, {csv_path}")
-        return report(problems, args)
+        return report(problems, args, processed=len(rows))
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -255,7 +273,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     suite = metric_suite_from(args, "cpu")  # validated (and weights checked) before any upscaling
     outcome = run_benchmark(args.benchmark, args.weights, args.out, options=options, settings=settings,
                             suite=suite, device=args.device, precision=args.precision, config=args.config,
-                            allow_pickle=args.allow_pt, progress=not args.no_progress)
+                            allow_pickle=args.allow_pickle, progress=not args.no_progress)
     if outcome.results is None:
         return 0  # not rank 0: rank 0 reports the problems and carries the exit status
     return report(outcome.problems, args)
@@ -272,7 +290,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, default_weights: str |
     parser.add_argument("--weights", default=default_weights,
                         help=f"a .safetensors file or a shipped model name (default {default_weights})")
     parser.add_argument("--config", default=None, help="config for weights without one (.pt files)")
-    parser.add_argument("--allow-pt", action="store_true", help="read .pt/.pth weights (with weights_only=True)")
+    parser.add_argument("--allow-pickle", "--allow-pt", action="store_true",
+                        help="read .pt/.pth weights (with weights_only=True)")
     parser.add_argument("--mode", choices=tuple(MODES), default="perceptual",
                         help=f"perceptual: guided reverse process ({perceptual.steps} steps, ζ {perceptual.zeta:g}); "
                              f"fidelity: x̂0 in {fidelity.steps} step(s), highest PSNR. The flags below override it")
@@ -502,6 +521,28 @@ class PipeSafeStdout:
         return getattr(self.stream, name)
 
 
+@contextlib.contextmanager
+def input_warnings_as_lines(args: argparse.Namespace) -> Iterator[None]:
+    """Print each `fileio.InputWarning` (a first frame only, a dropped alpha, skipped outputs) as one line
+    `blinddiff: warning: …` on stderr, every time; other warnings are shown as usual."""
+    import warnings
+
+    from .fileio import InputWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        usual = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+            if issubclass(category, InputWarning):
+                print(f"blinddiff: warning: {with_flags(str(message), args)}", file=sys.stderr)
+            else:
+                usual(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 some input or the run failed, 2 bad arguments or setup."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -509,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     stdout, sys.stdout = sys.stdout, PipeSafeStdout(sys.stdout)
     try:
-        return run(args)
+        with input_warnings_as_lines(args):
+            return run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"blinddiff {args.command}: error: {with_flags(str(err), args)}", file=sys.stderr)
         return 2

@@ -7,16 +7,24 @@ metadata), so a result goes back out the same way: `load_image`/`save_image` for
 
 Every file blinddiff writes (images, kernels, manifests, checkpoints) goes through `atomic_write`, so an
 interrupted run never leaves a half-written output behind: data go to a temporary file in the same folder,
-which then replaces the target in one `os.replace`.
+which then replaces the target in one `os.replace`. A temporary file left by a killed process is named
+after the host and the process that wrote it, so later runs remove it (`remove_temporaries`) once that
+process is gone, and never touch anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
+import socket
+import struct
 import tempfile
+import time
+import warnings
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,12 +45,23 @@ class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and what to do."""
 
 
+HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"  # names this machine in temporary file names
+TEMPORARY = re.compile(r"\..+\.blinddiff-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+\.tmp")
+STALE_SECONDS = 24 * 3600  # a temporary file of another machine this old is no longer being written
+
+
+class InputWarning(UserWarning):
+    """An input used with a caveat the user should know (only its first frame, its alpha dropped, files
+    skipped); the command line prints it as one line."""
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file next to `path`; on success it replaces `path` atomically, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:120]}.blinddiff-{HOST}-{os.getpid()}-",
+                               suffix=".tmp")
     os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         with os.fdopen(fd, mode) as handle:
@@ -56,12 +75,35 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would end the process: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def remove_temporaries(folder: str | os.PathLike) -> None:
-    """Delete the temporary files `atomic_write` leaves behind when a process is killed mid-write."""
+    """Delete the temporary files `atomic_write` leaves behind when a process is killed mid-write: those of
+    this machine whose process has ended, and those of another machine (a shared folder) older than a day.
+    Files that `atomic_write` did not name are never touched."""
     folder = Path(folder)
-    if folder.is_dir():
-        for path in folder.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
+    if not folder.is_dir():
+        return
+    for path in folder.glob(".*.blinddiff-*.tmp"):
+        match = TEMPORARY.fullmatch(path.name)
+        if match is None:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if match["host"] == HOST:
+                stale = not _process_alive(int(match["pid"]))
+            else:
+                stale = time.time() - path.stat().st_mtime > STALE_SECONDS
+            if stale and path.is_file():
                 path.unlink()
 
 
@@ -100,9 +142,18 @@ EXIF_IFD = 0x8769
 EXIF_SIZE_TAGS = (0xA002, 0xA003)  # PixelXDimension / PixelYDimension: wrong once the image is resized
 
 
+def check_regular_file(path: Path) -> None:
+    """Refuse what is not a plain file before opening it: reading a FIFO or a device would wait forever."""
+    if not path.exists():
+        raise FileNotFoundError(f"image {path} does not exist")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a regular file (a folder, FIFO, socket or device); pass an image file")
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) as displayed (EXIF orientation applied), from the file header only; raises ImageError
     for unreadable files and for files too large to decode safely (Pillow's decompression-bomb limit)."""
+    check_regular_file(Path(path))
     try:
         with Image.open(path) as image:
             image.verify()  # must come first, right after opening
@@ -125,9 +176,14 @@ def check_decodes(path: str | os.PathLike) -> None:
 
     `image_size` trusts the header and the checksums; a damaged compressed stream only shows when decoding.
     """
+    check_regular_file(Path(path))
     try:
         with Image.open(path) as image:
             image.load()
+            if image.format == "PNG":
+                check_png_complete(Path(path))
+    except ImageError:
+        raise
     except Exception as err:
         raise ImageError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
             from None
@@ -173,6 +229,54 @@ class LoadedImage:
     @property
     def bit_depth(self) -> int:
         return self.kind.bit_depth
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type → samples per pixel
+# Adam7 interlacing: (first column, first row, column step, row step) of each of the 7 passes
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_pixel_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """Bytes of a PNG's decompressed pixel data (each row: one filter byte and its packed samples)."""
+    def rows(w: int, h: int) -> int:
+        return h * (1 + (w * PNG_CHANNELS[colour] * depth + 7) // 8) if w and h else 0
+
+    if not interlaced:
+        return rows(width, height)
+    return sum(rows(max(0, (width - x + dx - 1) // dx), max(0, (height - y + dy - 1) // dy)) for x, y, dx, dy in ADAM7)
+
+
+def check_png_complete(path: Path) -> None:
+    """Refuse a PNG whose pixel data end before its header's last row. Pillow stops at the end of the
+    compressed stream and fills the missing rows with black, without an error (whatever
+    `ImageFile.LOAD_TRUNCATED_IMAGES` says), so the data are inflated here and counted, in bounded pieces."""
+    with open(path, "rb") as handle:
+        if handle.read(8) != PNG_SIGNATURE:
+            return
+        inflater, found, header = zlib.decompressobj(), 0, None
+        while len(head := handle.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IHDR" and length >= 13:
+                header = struct.unpack(">IIBBBBB", handle.read(13))
+                handle.seek(length - 13 + 4, 1)
+            elif kind == b"IDAT":
+                pending = handle.read(length)
+                while pending and not inflater.eof:
+                    found += len(inflater.decompress(pending, 1 << 20))
+                    pending = inflater.unconsumed_tail
+                handle.seek(4, 1)
+            elif kind == b"IEND":
+                break
+            else:
+                handle.seek(length + 4, 1)
+    if header is None or header[3] not in PNG_CHANNELS:
+        return  # Pillow's own checks refuse such a file
+    width, height, depth, colour, _, _, interlace = header
+    expected = _png_pixel_bytes(width, height, depth, colour, bool(interlace))
+    if found < expected:
+        raise ImageError(f"{path}: truncated PNG: its pixel data hold {found} of the {expected} bytes its "
+                         f"{width}x{height} header announces; re-save or replace the file")
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -249,6 +353,9 @@ def to_tensor(image: Any) -> tuple[torch.Tensor, torch.Tensor | None, ImageKind]
     else:
         raise ValueError(f"cannot upscale a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
     channels = image.shape[1]
+    if image.numel() == 0:
+        raise ValueError(f"the image is empty ({image.shape[-1]}x{image.shape[-2]} pixels, batch {image.shape[0]}); "
+                         f"pass an image with pixels")
     if not torch.isfinite(image).all():
         raise ValueError("input contains NaN or infinite values")
     _check_unit_range(image, "images")
@@ -289,20 +396,27 @@ def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: ImageKind) 
 def load_image(path: str | os.PathLike) -> LoadedImage:
     """Decode any supported image (grey, grey+alpha, RGB, RGBA, palette, 8 or 16 bits) to float RGB + alpha."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+    check_regular_file(path)
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes); remove or replace it")
     exif = icc = None
     try:
-        if path.suffix.lower() == ".png" and _png_bit_depth(path) == 16:
-            pixels = _load_png16(path)
-        else:
-            with Image.open(path) as opened:
-                opened.load()
+        with Image.open(path) as opened:
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1 and opened.format != "MPO":  # MPO: a camera's extra views of the same photo
+                warnings.warn(f"{path}: holds {frames} frames or pages (animated or multi-page); only the first is "
+                              f"used", InputWarning, stacklevel=2)
+            if opened.format == "PNG":
+                check_png_complete(path)
+            if opened.format == "PNG" and _png_bit_depth(path) == 16:
+                pixels = _load_png16(path)
+            else:
+                opened.load()  # decodes everything now: a damaged or truncated stream raises here
                 image = ImageOps.exif_transpose(opened)  # a portrait phone photo is stored sideways
                 exif, icc = kept_metadata(opened), opened.info.get("icc_profile")  # after: this drops the orientation
                 pixels = _pil_pixels(image)
+    except ImageError:
+        raise
     except Exception as err:  # Pillow and pypng raise many kinds of errors for corrupt files
         raise ImageError(f"{path}: not a readable image ({type(err).__name__}: {err}); remove or replace the file") \
             from None
@@ -359,6 +473,9 @@ def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = 95) -
             writer.write(handle, pixels.reshape(pixels.shape[0], -1))
         return
     if jpeg:
+        if image.alpha is not None:
+            warnings.warn(f"{path}: JPEG has no alpha channel, so the transparency is dropped; write PNG "
+                          f"(ext=png) to keep it", InputWarning, stacklevel=2)
         pixels = pixels[..., : 1 if kind.grey else 3]
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     picture = Image.fromarray(pixels[..., 0] if mode == "L" else np.ascontiguousarray(pixels), mode)
@@ -367,17 +484,35 @@ def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = 95) -
         options["exif"] = image.kind.exif
     if image.kind.icc_profile:
         options["icc_profile"] = image.kind.icc_profile
+    save_picture(path, picture, PIL_FORMATS.get(path.suffix.lower(), "PNG"), **options)
+
+
+class _WriteThrough:
+    """A file handle without a descriptor, so that Pillow encodes through `write`, whose short writes are
+    retried and whose errors (a full disk) raise, instead of writing to the descriptor itself, where some
+    encoders (JPEG) ignore a short write and leave a truncated file that looks complete."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def save_picture(path: str | os.PathLike, picture: Image.Image, format: str, **options: Any) -> None:
+    """Encode a PIL image into `path` atomically (every image blinddiff writes with Pillow comes here)."""
     with atomic_write(path) as handle:
-        picture.save(handle, format=PIL_FORMATS.get(path.suffix.lower(), "PNG"), **options)
+        picture.save(_WriteThrough(handle), format=format, **options)
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 [H, W] or [H, W, 3] array as PNG, atomically (same array → same bytes)."""
     if array.dtype != np.uint8:
         raise ValueError(f"write_png expects uint8 pixels, got {array.dtype}")
-    image = Image.fromarray(array)
-    with atomic_write(path) as handle:
-        image.save(handle, format="PNG")
+    save_picture(path, Image.fromarray(array), "PNG")
 
 
 def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
@@ -393,7 +528,8 @@ def write_result(target: Path, image: LoadedImage | np.ndarray, kernel: np.ndarr
     `<stem>_kernel.png` (a picture) and the `estimate` (e.g. the noise level) as `<stem>_estimate.json`
     next to it (`stem`: the target's) → the files written. `image`: a `LoadedImage` written in kind, or
     uint8 pixels [H, W, 3] written as they are. The image comes last, so its presence means the set is
-    complete."""
+    complete. The estimate names the result and the kernel, so that later scans of the folder know them as
+    blinddiff's outputs, not inputs (`expand_inputs`)."""
     kernel_files = []
     stem = stem or target.stem
     if kernel is not None:
@@ -402,7 +538,8 @@ def write_result(target: Path, image: LoadedImage | np.ndarray, kernel: np.ndarr
         write_png(kernel_files[1], kernel_picture(kernel))
     if estimate is not None:
         kernel_files.append(target.parent / f"{stem}_estimate.json")
-        write_json(kernel_files[-1], {**estimate, **({"kernel": kernel_files[0].name} if kernel is not None else {})})
+        write_json(kernel_files[-1], {**estimate, "result": target.name,
+                                      **({"kernel": kernel_files[0].name} if kernel is not None else {})})
     if isinstance(image, LoadedImage):
         save_image(target, image)
     else:
@@ -425,20 +562,54 @@ def tensor_to_rgb(image: torch.Tensor) -> np.ndarray:
     return pixels.permute(1, 2, 0).contiguous().numpy()
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+ESTIMATE_END = "_estimate.json"
+
+
+def written_by_blinddiff(folders: set[Path]) -> set[Path]:
+    """The outputs of earlier runs in `folders`: the result and kernel files named by each `<stem>_estimate.json`
+    that `write_result` wrote there, and its `<stem>_trajectory` folder."""
+    outputs: set[Path] = set()
+    for folder in folders:
+        for record in folder.glob(f"*{ESTIMATE_END}"):
+            try:
+                estimate = json.loads(record.read_text())
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(estimate, dict) and "input" in estimate and "noise_sigma" in estimate):
+                continue  # not an estimate blinddiff wrote
+            stem = record.name[: -len(ESTIMATE_END)]
+            outputs |= {folder / f"{stem}_kernel.png", folder / f"{stem}_trajectory"}
+            outputs |= {folder / Path(estimate[key]).name for key in ("result", "kernel")
+                        if isinstance(estimate.get(key), str)}
+    return outputs
+
+
+def expand_inputs(inputs: list[str], out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
     """Resolve CLI inputs (files, folders, glob patterns) to image files, in order, without duplicates.
 
-    Returns (files, problems); a problem names an input that matched nothing, so the caller can report it
-    and still process the rest.
+    Returns (files, problems); a problem names an input that matched nothing or is not a regular file, so
+    the caller can report it and still process the rest. Files that folders and patterns turn up are
+    skipped, with one `InputWarning`, when blinddiff wrote them (`written_by_blinddiff`) or when they lie in
+    the output folder `out` inside a scanned folder, so a run never takes earlier outputs as inputs; a file
+    named on its own is always taken.
     """
     files: list[Path] = []
+    seen: set[Path] = set()
     problems: list[str] = []
+    skipped: list[Path] = []
+    out_place = Path(out).resolve() if out is not None else None
     for item in inputs:
         path = Path(item)
+        named = False
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            root = path.resolve()
+            if out_place is not None and out_place != root and root in out_place.parents:
+                inner = path / out_place.relative_to(root)  # spelled as rglob spells the files
+                skipped += [p for p in found if p.is_relative_to(inner)]
+                found = [p for p in found if not p.is_relative_to(inner)]
         elif path.exists():
-            found = [path]
+            found, named = [path], True
         elif any(ch in item for ch in "*?["):
             found = sorted(p for p in Path().glob(item) if p.is_file()) if not path.is_absolute() else \
                 sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
@@ -446,17 +617,35 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             found = []
         if not found:
             problems.append(f"{item}: no such file, folder or matching image")
-        files.extend(p for p in found if p not in files)
+        elif named and not path.is_file():
+            problems.append(f"{item}: not a regular file (a FIFO, socket or device); pass an image file")
+            continue
+        if not named:
+            ours = written_by_blinddiff({p.parent for p in found} | {p.parent.parent for p in found})
+            skipped += [p for p in found if p in ours or p.parent in ours]
+            found = [p for p in found if p not in ours and p.parent not in ours]
+        for p in found:
+            if p not in seen:
+                seen.add(p)
+                files.append(p)
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:3]) + (" …" if len(skipped) > 3 else "")
+        warnings.warn(f"skipped {len(skipped)} file(s) that blinddiff wrote ({shown}): outputs are not taken as "
+                      f"inputs; name a file on its own to process it", InputWarning, stacklevel=2)
     return files, problems
 
 
 def check_output_folder(out: str | os.PathLike, option: str = "out") -> None:
-    """Refuse, before any work is done, an output folder that is a file or lies below one."""
+    """Refuse, before any work is done, an output folder that is a file, lies below one, or cannot be
+    written (the folder, or the nearest existing folder above it, where it would be created)."""
     out = Path(out)
     for folder in (out, *out.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise ValueError(f"{option}={out}: {folder} is a file, not a folder; choose another folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"{option}={out}: {folder} is not writable (permissions or a read-only disk); "
+                                 f"make it writable (e.g. chmod u+w {folder}) or choose another folder")
             return
 
 

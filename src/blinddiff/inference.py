@@ -87,8 +87,8 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
     path = resolve_weights(weights)
     if path.suffix in (".pt", ".pth"):
         if not allow_pickle:
-            raise ValueError(f"{path} is a pickle-based torch file; pass --allow-pt to read it (weights_only=True), "
-                             f"or convert it to .safetensors")
+            raise ValueError(f"{path} is a pickle-based torch file; pass allow_pickle=True to read it "
+                             f"(weights_only=True), or convert it to .safetensors")
         data = load_torch(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a state dict")
@@ -100,7 +100,7 @@ def load_model(weights: str | Path, *, config: str | None = None, allow_pickle: 
         elif config is not None:
             cfg = load_config(config)
         else:
-            raise ValueError(f"{path} holds no config; pass --config PRESET_OR_FILE with it")
+            raise ValueError(f"{path} holds no config; pass config=PRESET_OR_FILE with it")
     else:
         tensors, cfg, _ = load_weights(path)
         if config is not None:
@@ -190,7 +190,7 @@ class BlindDiff:
         sr, estimated = sr.float().cpu(), estimated.float().cpu()
         if not (bool(torch.isfinite(sr).all()) and bool(torch.isfinite(estimated).all())):
             raise ValueError(f"the reverse process diverged (NaN or infinite values) with zeta={options.zeta:g}, "
-                             f"steps={options.steps}; try a smaller --zeta, or other weights")
+                             f"steps={options.steps}; try a smaller zeta, or other weights")
         return sr, estimated
 
     def check_options(self, options: SampleOptions, seeds: list[int] = ()) -> None:

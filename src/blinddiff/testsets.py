@@ -34,7 +34,7 @@ from . import __version__
 from .data import derive_seed
 from .degradation import DOWNSAMPLE_MODES, RealDegradation, degrade, degrade_real, real_test_degradation
 from .fileio import ImageError, check_name_part, check_output_folder, expand_inputs, expand_path, find_images, \
-    inside, plan_outputs, read_rgb, rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
+    inside, plan_outputs, read_rgb, remove_temporaries, rgb_to_tensor, tensor_to_rgb, write_json, write_npy, write_png
 from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, load_kernels, motion_blur, parse_kernel_spec, \
     sample_anisotropic
 
@@ -172,8 +172,13 @@ def degrade_case(hr: np.ndarray, tag: str, params: dict, kernel: torch.Tensor | 
 
 
 def ensure_empty(out: Path, force: bool) -> None:
+    """`out` must be a writable folder, empty unless `force`; the temporary files a killed run left in it
+    (and in its HR/, LR/ and kernels/) are removed first."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder; choose another --out")
+    check_output_folder(out)
+    for folder in (out, out / "HR", out / "LR", out / "kernels"):
+        remove_temporaries(folder)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"output folder {out} is not empty; choose another --out or pass --force to overwrite")
 
@@ -364,7 +369,7 @@ def degrade_files(inputs: list[str], out: str | Path, scale: int, kernel_spec: s
         parse_kernel_spec(kernel_spec, size, generator=torch.Generator().manual_seed(seed))  # fail early
     out = Path(out)
     check_output_folder(out)
-    files, problems = expand_inputs(inputs)
+    files, problems = expand_inputs(inputs, out)
     record = ["_degradation.json"] if pipeline == "real" else []  # what the real-world chain drew
     accepted, collisions = plan_outputs({path: [out / f"{path.stem}{end}" for end in (".png", "_kernel.npy", *record)]
                                          for path in files})
