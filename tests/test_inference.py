@@ -139,15 +139,15 @@ def test_a_small_budget_tiles_without_seams(model: BlindDiff) -> None:
         plain, kernel = model.upscale(image, seed=0, max_memory=None)
         assert seen and set(seen) == {(192, 192)}  # untiled: the network sees the whole image
         seen.clear()
-        tiled, tiled_kernel = model.upscale(image, seed=0, max_memory="420MiB")
+        tiled, tiled_kernel = model.upscale(image, seed=0, max_memory="440MiB")
     finally:
         hook.remove()
-    assert len(set(seen)) == 1 and len(seen) > 2 * 2 * 2  # ≥ 4 windows of 2 steps, all the same size
+    assert len(set(seen)) == 1 and len(seen) >= 2 * 2 * 3  # ≥ 4 windows of 3 steps, all the same size
     side = seen[0][0]
     assert side < 192 and side % 8 == 0  # on the grid of the scale and the tiny network's multiple
     assert tiled.shape == plain.shape and _psnr(tiled, plain) >= 45  # seams measured: docs/benchmarks.md
     assert tiled_kernel.sum() == pytest.approx(1, abs=1e-4) and np.abs(tiled_kernel - kernel).sum() < 0.1
-    explicit, _ = model.upscale(image, seed=0, tile=side, tile_overlap=32)  # tile= is the override
+    explicit, _ = model.upscale(image, seed=0, tile=side)  # tile= is the override
     assert np.array_equal(explicit, tiled)
 
 

@@ -72,7 +72,7 @@ class SampleOptions:
     gradient: str = "x0"
     x0_norm_weight: float = 0.0
     tile: int | None = None  # HR window side; None: windows only when the image exceeds max_memory
-    tile_overlap: int = 32
+    tile_overlap: int = 64
     max_memory: int | None = DEFAULT_MAX_MEMORY  # bytes (`parse_memory`); None: never tile automatically
 
     @classmethod
