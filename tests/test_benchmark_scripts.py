@@ -137,3 +137,18 @@ def test_sampling_speed_times_every_variant(monkeypatch: pytest.MonkeyPatch, cap
                       "--repeats", "1", "--device", "cpu", monkeypatch=monkeypatch) == 0
     out = capsys.readouterr().out
     assert "| fp32 eager | sample (2 steps) |" in out and "guided step" in out
+
+
+def test_tiling_memory_reports_each_size_with_the_peak_memory_of_its_run(weights: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # the child process runs this checkout
+    markdown = tmp_path / "rows.md"
+    assert run_script("tiling_memory.py", "--sizes", "32x24", "40x40", "--weights", str(weights), "--mode", "fidelity",
+                      "--flags", "--max-memory 440MiB", "--markdown", str(markdown), monkeypatch=monkeypatch) == 0
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| 32×24") or
+            line.startswith("| 40×40")]
+    assert [row.split(" | ")[1] for row in rows] == ["128×96", "160×160"]  # the ×4 outputs were written
+    peaks = [float(row.split(" | ")[4].split()[0]) for row in rows]
+    assert all(0.05 < peak < 1.5 for peak in peaks)  # the child's RSS in GiB, not this process's or zero
+    assert "--max-memory 440MiB" in rows[0]

@@ -127,11 +127,97 @@ def test_trajectory_and_batching(weights: Path, tmp_path: Path) -> None:
         "step_0000_kernel.npy", "step_0000_x0.png", "step_0001_kernel.npy", "step_0001_x0.png"]
 
 
-def test_large_input_needs_tiles(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "big.png")
-    assert main(["upscale", str(tmp_path / "big.png"), "--out", str(tmp_path / "o"), "--weights", str(weights),
-                 *FAST]) == 1
-    assert "--tile" in capsys.readouterr().err
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
+
+
+def test_a_small_budget_tiles_without_seams(model: BlindDiff) -> None:
+    image = sample_rgb(48, 48)
+    seen: list[tuple[int, int]] = []
+    hook = model.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        plain, kernel = model.upscale(image, seed=0, max_memory=None)
+        assert seen and set(seen) == {(192, 192)}  # untiled: the network sees the whole image
+        seen.clear()
+        tiled, tiled_kernel = model.upscale(image, seed=0, max_memory="440MiB")
+    finally:
+        hook.remove()
+    assert len(set(seen)) == 1 and len(seen) >= 2 * 2 * 3  # ≥ 4 windows of 3 steps, all the same size
+    side = seen[0][0]
+    assert side < 192 and side % 8 == 0  # on the grid of the scale and the tiny network's multiple
+    assert tiled.shape == plain.shape and _psnr(tiled, plain) >= 45  # seams measured: docs/benchmarks.md
+    assert tiled_kernel.sum() == pytest.approx(1, abs=1e-4) and np.abs(tiled_kernel - kernel).sum() < 0.1
+    explicit, _ = model.upscale(image, seed=0, tile=side)  # tile= is the override
+    assert np.array_equal(explicit, tiled)
+
+
+def test_memory_budget_errors(model: BlindDiff, tmp_path: Path, capsys: pytest.CaptureFixture,
+                              weights: Path) -> None:
+    with pytest.raises(ValueError, match="max_memory"):
+        model.upscale(sample_rgb(48, 48), max_memory="401MiB")  # not even the smallest window fits
+    with pytest.raises(ValueError, match="max_memory='lots'"):
+        model.upscale(sample_rgb(12, 12), max_memory="lots")
+    Image.fromarray(sample_rgb(12, 12)).save(tmp_path / "a.png")
+    run = ["upscale", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--weights", str(weights), *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*run, "--max-memory", "2 parsecs"])
+    assert exit_info.value.code == 2 and "--max-memory" in capsys.readouterr().err
+    assert main([*run, "--max-memory", "2GiB"]) == 0
+
+
+def test_alpha_rows_are_the_rows_of_the_whole_alpha(model: BlindDiff) -> None:
+    alpha = torch.rand(1, 1, 20, 600)
+    whole = model.upscale_alpha(alpha)
+    assert whole.shape == (1, 1, 80, 2400)
+    for rows in (slice(0, 24), slice(24, 60), slice(60, 80)):
+        torch.testing.assert_close(model.upscale_alpha(alpha, rows), whole[..., rows, :], atol=1e-6, rtol=0)
+
+
+def test_outscale_and_jpeg_quality(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = tmp_path / "in"
+    make_inputs(inputs)
+    for bad in ("corrupt.png", "empty.png", "notes.jpg", "tiny.png"):
+        (inputs / bad).unlink()
+    out = tmp_path / "out"
+    base = ["upscale", str(inputs), "--out", str(out), "--weights", str(weights), *FAST]
+    assert main([*base, "--outscale", "3.5", "--quality", "40"]) == 0
+    assert Image.open(out / "colour.png").size == (56, 42)  # 16×12 × 3.5, not × 4
+    deep = load_image(out / "deep.png")
+    assert deep.bit_depth == 16 and deep.size == (42, 56)
+    alpha = Image.open(out / "alpha.png")
+    assert alpha.mode == "RGBA" and alpha.size == (56, 42) and (np.asarray(alpha)[..., 3] == 99).all()
+    assert np.load(out / "colour_kernel.npy").shape == (11, 11)  # the kernel is not resized
+    photo = Image.open(out / "photo.jpg")
+    assert photo.size == (56, 42)
+
+    def tables(quality: int) -> dict:
+        reference = tmp_path / f"q{quality}.jpg"
+        Image.fromarray(np.asarray(photo.convert("RGB"))).save(reference, quality=quality)
+        return Image.open(reference).quantization
+
+    assert photo.quantization == tables(40) != tables(95)
+    assert main([*base, "--ext", "jpg"]) == 0  # without --quality: 95, as before
+    assert Image.open(out / "colour.jpg").quantization == tables(95)
+    capsys.readouterr()
+    for flags, message in ((["--quality", "0"], "--quality 0"), (["--quality", "101"], "--quality 101"),
+                           (["--quality", "80", "--ext", "png"], "no output is JPEG"),
+                           (["--outscale", "0"], "--outscale 0"), (["--outscale", "nan"], "--outscale nan")):
+        assert main([*base, "--out", str(tmp_path / "refused"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error") == 1
+    assert not (tmp_path / "refused").exists()
+
+
+def test_progress_off_a_terminal_is_plain_lines(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(sample_rgb(12, 12 + 4 * (name == "b"))).save(folder / f"{name}.png")
+    assert main(["upscale", str(folder), "--out", str(tmp_path / "o"), "--weights", str(weights),
+                 "--steps", "2"]) == 0  # progress on, stderr captured: not a terminal
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err  # no cursor movement, no carriage returns
+    assert err.count("sampling: 2/2 steps") == 2  # one line per image at the end of its steps
 
 
 def test_weight_errors(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

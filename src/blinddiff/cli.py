@@ -186,7 +186,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     problems = upscale_files(model, args.inputs, args.out, sample_options_from(args), seed=args.seed,
                              batch_size=args.batch_size, suffix=args.suffix, ext=args.ext,
-                             save_trajectory=args.save_trajectory, progress=not args.no_progress, log=log)
+                             save_trajectory=args.save_trajectory, progress=not args.no_progress, log=log,
+                             quality=args.quality, outscale=args.outscale)
     return report(problems, args, processed=len(written))
 
 
@@ -253,6 +254,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return report(problems, args, processed=len(rows))
 
 
+def _memory(text: str) -> int:
+    from .inference import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("max_memory=", "")) from None
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -282,7 +292,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def add_sampling_options(parser: argparse.ArgumentParser, default_weights: str | None = None) -> None:
     """Weights, device and reverse-process options shared by `upscale`, `deblur` and `benchmark`."""
     from .hardware import PRECISIONS
-    from .inference import DEFAULT_WEIGHTS, MODES, SampleOptions
+    from .inference import DEFAULT_MAX_MEMORY, DEFAULT_WEIGHTS, MODES, SampleOptions
     from .sampling import GRADIENTS, GUIDANCE, SAMPLERS
 
     default_weights = default_weights or DEFAULT_WEIGHTS
@@ -307,8 +317,13 @@ def add_sampling_options(parser: argparse.ArgumentParser, default_weights: str |
                         help="back-propagate the data term through the network to x_t (paper) or take it at x̂0 "
                              "(the default: no backward pass through the network)")
     parser.add_argument("--x0-norm-weight", type=float, help="weight of the release's extra ‖x̂0‖ term (release: 0.1)")
-    parser.add_argument("--tile", type=int, default=None, help="HR tile size for large images (e.g. 256)")
-    parser.add_argument("--tile-overlap", type=int, help=f"tile overlap in HR pixels (default {perceptual.tile_overlap})")
+    parser.add_argument("--max-memory", type=_memory, default=None, metavar="SIZE",
+                        help=f"memory the reverse process may take, e.g. 2GiB or 800MB (default "
+                             f"{DEFAULT_MAX_MEMORY / 2**30:g}GiB): a larger image is processed as overlapping windows "
+                             "that fit; the input and the result image come on top")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="HR window side, overriding --max-memory (e.g. 256; default: chosen to fit it)")
+    parser.add_argument("--tile-overlap", type=int, help=f"window overlap in HR pixels (default {perceptual.tile_overlap})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -391,6 +406,11 @@ def add_upscale_arguments(parser: argparse.ArgumentParser, default_weights: str 
     add_sampling_options(parser, default_weights)
     parser.add_argument("--suffix", default="", help="appended to output stems, e.g. _x4")
     parser.add_argument("--ext", choices=("png", "jpg", "auto"), default="auto", help="auto keeps JPEG as JPEG")
+    parser.add_argument("--quality", type=int, default=None, metavar="Q",
+                        help="JPEG quality of JPEG outputs, 1-100 (default 95)")
+    parser.add_argument("--outscale", type=float, default=None, metavar="F",
+                        help="resize the result to F x the input's size after the model (Lanczos), e.g. 3.5 with a "
+                             "x4 model; the kernel files are unchanged")
     parser.add_argument("--save-trajectory", action="store_true", help="save x̂0 and k̂ of every step")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=cmd_upscale)

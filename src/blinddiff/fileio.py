@@ -386,11 +386,46 @@ def from_tensor(rgb: torch.Tensor, alpha: torch.Tensor | None, kind: ImageKind) 
         array = array.astype(kind.dtype)
     if kind.source in ("numpy", "file"):
         return array[..., 0] if kind.ndim == 2 else array
+    return _pil_image(array, kind)
+
+
+def _pil_image(array: np.ndarray, kind: ImageKind) -> Image.Image:
+    """Pixels [H, W, C] in the kind's type as the PIL image `from_tensor` gives for a "pil" kind."""
     if kind.dtype == np.uint16:
         return Image.fromarray(array[..., 0])
     if kind.dtype == np.float32:
         return Image.fromarray(np.ascontiguousarray(array[..., 0]), "F")
     return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
+class ResultBuffer:
+    """A result preallocated in its kind's pixel type and layout and filled band by band (rows of the HR image,
+    as `BlindDiff.stream` gives them), so a result of any size is held once, in 8/16 bits when it is written in
+    8/16 bits; `image()` is then what `from_tensor` of the whole result gives."""
+
+    def __init__(self, kind: ImageKind, batch: int, height: int, width: int) -> None:
+        self.kind = kind
+        self.parts = replace(kind, source="numpy", ndim=3) if kind.source in ("pil", "file") else kind
+        if kind.source == "tensor":
+            dtype = kind.dtype if kind.dtype.is_floating_point else torch.uint8
+            shape = (batch, kind.channels, height, width) if kind.ndim == 4 else (kind.channels, height, width)
+            self.pixels: Any = torch.empty(shape, dtype=dtype)
+        else:
+            if batch != 1:
+                raise ValueError(f"a {kind.source} result holds one image, not {batch}")
+            self.pixels = np.empty((height, width) if self.parts.ndim == 2 else (height, width, kind.channels),
+                                   dtype=kind.dtype)
+
+    def write(self, top: int, rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
+        """HR rows from `top` on: rgb [B, 3, rows, W] in [0, 1] (+ alpha [B, 1, rows, W] when the kind has one)."""
+        part = from_tensor(rgb, alpha if self.kind.channels in (2, 4) else None, self.parts)
+        if self.kind.source == "tensor":
+            self.pixels[..., top:top + part.shape[-2], :] = part
+        else:
+            self.pixels[top:top + part.shape[0]] = part
+
+    def image(self) -> Any:
+        return _pil_image(self.pixels, self.kind) if self.kind.source == "pil" else self.pixels
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
@@ -454,15 +489,39 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     return np.round(load_image(path).rgb * 255.0).astype(np.uint8)
 
 
-def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = 95) -> None:
+DEFAULT_JPEG_QUALITY = 95
+
+
+def is_jpeg(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in (".jpg", ".jpeg")
+
+
+def output_kind(kind: ImageKind, path: str | os.PathLike) -> ImageKind:
+    """The kind of a file kind's pixels as written to `path`: [H, W, C] uint8, or uint16 for a 16-bit PNG;
+    JPEG drops alpha (and 16 bits)."""
+    sixteen = kind.bit_depth == 16 and Path(path).suffix.lower() == ".png"
+    if is_jpeg(path) and kind.channels in (2, 4):
+        warnings.warn(f"{path}: JPEG has no alpha channel, so the transparency is dropped; write PNG "
+                      f"(ext=png) to keep it", InputWarning, stacklevel=2)
+    channels = {2: 1, 4: 3}.get(kind.channels, kind.channels) if is_jpeg(path) else kind.channels
+    return replace(kind, source="file", ndim=3, channels=channels, dtype=np.dtype(np.uint16 if sixteen else np.uint8))
+
+
+def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = DEFAULT_JPEG_QUALITY) -> None:
     """Write an image in kind (grey/RGB, alpha, 8/16 bits; JPEG drops alpha and 16 bits), atomically."""
+    kind = output_kind(image.kind, path)
+    result = ResultBuffer(kind, 1, *image.size)
+    result.write(0, torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)[None],
+                 None if image.alpha is None else torch.from_numpy(np.ascontiguousarray(image.alpha))[None, None])
+    write_pixels(path, result.image(), kind, quality)
+
+
+def write_pixels(path: str | os.PathLike, pixels: np.ndarray, kind: ImageKind,
+                 quality: int = DEFAULT_JPEG_QUALITY) -> None:
+    """Write pixels [H, W, C] in `output_kind(…, path)` (uint8, or uint16 to a PNG) with the kind's metadata,
+    atomically; `quality`: JPEG's, 1–100."""
     path = Path(path)
-    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    sixteen = image.kind.bit_depth == 16 and path.suffix.lower() == ".png"
-    kind = replace(image.kind, ndim=3, dtype=np.dtype(np.uint16 if sixteen else np.uint8))
-    rgb = torch.from_numpy(np.ascontiguousarray(image.rgb)).permute(2, 0, 1)[None]
-    alpha = None if image.alpha is None else torch.from_numpy(np.ascontiguousarray(image.alpha))[None, None]
-    pixels = from_tensor(rgb, alpha, kind)  # [H, W, C] uint8 or uint16
+    jpeg, sixteen = is_jpeg(path), pixels.dtype == np.uint16
     if sixteen:
         import png
 
@@ -472,18 +531,13 @@ def save_image(path: str | os.PathLike, image: LoadedImage, quality: int = 95) -
         with atomic_write(path) as handle:
             writer.write(handle, pixels.reshape(pixels.shape[0], -1))
         return
-    if jpeg:
-        if image.alpha is not None:
-            warnings.warn(f"{path}: JPEG has no alpha channel, so the transparency is dropped; write PNG "
-                          f"(ext=png) to keep it", InputWarning, stacklevel=2)
-        pixels = pixels[..., : 1 if kind.grey else 3]
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
     picture = Image.fromarray(pixels[..., 0] if mode == "L" else np.ascontiguousarray(pixels), mode)
     options: dict[str, Any] = {"quality": quality} if jpeg else {}
-    if image.kind.exif:
-        options["exif"] = image.kind.exif
-    if image.kind.icc_profile:
-        options["icc_profile"] = image.kind.icc_profile
+    if kind.exif:
+        options["exif"] = kind.exif
+    if kind.icc_profile:
+        options["icc_profile"] = kind.icc_profile
     save_picture(path, picture, PIL_FORMATS.get(path.suffix.lower(), "PNG"), **options)
 
 
@@ -523,13 +577,15 @@ def kernel_picture(kernel: np.ndarray, magnify: int = 8) -> np.ndarray:
 
 
 def write_result(target: Path, image: LoadedImage | np.ndarray, kernel: np.ndarray | None = None, *,
-                 stem: str | None = None, estimate: dict | None = None) -> list[Path]:
+                 stem: str | None = None, estimate: dict | None = None, kind: ImageKind | None = None,
+                 quality: int = DEFAULT_JPEG_QUALITY) -> list[Path]:
     """Write a result and, when given, its estimated kernel as `<stem>_kernel.npy` (the values) and
     `<stem>_kernel.png` (a picture) and the `estimate` (e.g. the noise level) as `<stem>_estimate.json`
-    next to it (`stem`: the target's) → the files written. `image`: a `LoadedImage` written in kind, or
-    uint8 pixels [H, W, 3] written as they are. The image comes last, so its presence means the set is
-    complete. The estimate names the result and the kernel, so that later scans of the folder know them as
-    blinddiff's outputs, not inputs (`expand_inputs`)."""
+    next to it (`stem`: the target's) → the files written. `image`: a `LoadedImage` written in kind, pixels
+    in `kind` (`output_kind`, e.g. a filled `ResultBuffer`'s), or uint8 pixels [H, W, 3] written as they
+    are. `quality`: of a JPEG target. The image comes last, so its presence means the set is complete. The
+    estimate names the result and the kernel, so that later scans of the folder know them as blinddiff's
+    outputs, not inputs (`expand_inputs`)."""
     kernel_files = []
     stem = stem or target.stem
     if kernel is not None:
@@ -541,10 +597,29 @@ def write_result(target: Path, image: LoadedImage | np.ndarray, kernel: np.ndarr
         write_json(kernel_files[-1], {**estimate, "result": target.name,
                                       **({"kernel": kernel_files[0].name} if kernel is not None else {})})
     if isinstance(image, LoadedImage):
-        save_image(target, image)
+        save_image(target, image, quality)
+    elif kind is not None:
+        write_pixels(target, image, kind, quality)
     else:
         write_png(target, image)
     return [target, *kernel_files]
+
+
+def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixels [H, W, C] (uint8 or uint16) resized to size = (height, width) with Lanczos (Pillow), in their
+    type: 8-bit images as a whole, 16-bit ones channel by channel in float (Pillow has no 16-bit RGB)."""
+    height, width = size
+    if (height, width) == pixels.shape[:2]:
+        return pixels
+    if pixels.dtype == np.uint8:
+        mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
+        image = Image.fromarray(pixels[..., 0] if mode == "L" else np.ascontiguousarray(pixels), mode)
+        resized = np.asarray(image.resize((width, height), Image.Resampling.LANCZOS))
+        return resized[..., None] if resized.ndim == 2 else resized
+    top = float(np.iinfo(pixels.dtype).max)
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32), "F")
+                         .resize((width, height), Image.Resampling.LANCZOS)) for c in range(pixels.shape[2])]
+    return np.round(np.clip(np.stack(planes, axis=2), 0, top)).astype(pixels.dtype)
 
 
 def rgb_to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -5,12 +5,17 @@
     sr, kernel = model.upscale(image, seed=0)              # PIL image / numpy array / tensor in, same kind out
 
 `upscale` runs the MAP reverse process of `blinddiff.sampling.sample`: the network estimates the image and
-the kernel at every step, and the kernel-aware gradient of the data term steers the next step.
+the kernel at every step, and the kernel-aware gradient of the data term steers the next step. An image
+whose reverse process would not fit `max_memory` is processed as overlapping windows
+(`blinddiff.sampling.sample_windows`), and its result is written band by band into a buffer in the output's
+own pixel type, so any size works in bounded memory (docs/method.md, "Images of any size").
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -21,17 +26,31 @@ import torch
 from .checkpoint import check_state_fits, load_torch, load_weights, prefixed, resolve_weights, sampling_defaults
 from .config import Config, config_from_dict, load_config
 from .degradation import matlab_bicubic_resize
-from .fileio import from_tensor, to_tensor
+from .fileio import ResultBuffer, to_tensor
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
 from .model import MCFormer
-from .sampling import check_options, data_term, known_kernel, sample, sampling_chain, tiled
+from .sampling import PositionalNoise, check_options, check_tile, data_term, known_kernel, noise_weights, \
+    sample_windows, sampling_chain
 
 DEFAULT_WEIGHTS = "fast-x4"
 DEFAULT_DEBLUR_WEIGHTS = "deblur-motion"  # `blinddiff deblur` (scale 1, BlindDPS motion blur)
 MIN_LR_SIZE = 8  # LR pixels per side; smaller inputs carry too little to estimate a kernel from
-MAX_UNTILED_PIXELS = 1024 * 1024  # HR pixels processed in one piece before --tile is required
 MAX_PIXELS = 16384 * 16384  # HR pixels at all
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes the reverse process may take (beyond the image buffers): a laptop's share
+MIN_WINDOW = 64  # HR pixels per side of an automatic window; a smaller budget is refused
+
+# The memory model behind `max_memory` (bytes): what the process holds before any image (interpreter, torch,
+# the weights: 270 MiB measured, with room for the input), and per HR pixel of one image while a window runs:
+# the data term's tensors (x̂0 blurred and its gradient) plus the network's and the sampler's, which grow with
+# the network's width per HR pixel (width / patch_size²; fast-x4: 48 / 4² = 3), plus the float band of rows
+# being blended (`BAND_BYTES` per HR pixel of a row). The key is what a step differentiates: nothing, x̂0 or
+# the network (x_t). Fitted to peak RSS on CPU in fp32 with fast-x4 (none 494, x0 843, xt 2980 bytes per
+# pixel) and the tiny test network (none 1612, u = 16), rounded up (docs/benchmarks.md, "Images of any size").
+BASE_MEMORY = 400 << 20
+SAMPLER_BYTES = {"none": 0, "x0": 350, "xt": 350}
+NETWORK_BYTES = {"none": 200, "x0": 200, "xt": 880}  # per unit of width / patch_size²
+BAND_BYTES = 32  # the float band (3 × float32) and the copies of its conversion to the output's type
 
 
 @dataclass
@@ -53,8 +72,9 @@ class SampleOptions:
     guidance: str = "noise-aware"
     gradient: str = "x0"
     x0_norm_weight: float = 0.0
-    tile: int | None = None
-    tile_overlap: int = 32
+    tile: int | None = None  # HR window side; None: windows only when the image exceeds max_memory
+    tile_overlap: int = 64
+    max_memory: int | None = DEFAULT_MAX_MEMORY  # bytes (`parse_memory`); None: never tile automatically
 
     @classmethod
     def for_mode(cls, mode: str = "perceptual", defaults: Mapping[str, Mapping[str, Any]] | None = None,
@@ -132,17 +152,33 @@ def given_kernels(kernel: torch.Tensor | np.ndarray, batch: int) -> torch.Tensor
     return kernels.expand(batch, -1, -1) if len(kernels) == 1 else kernels
 
 
-def check_lr_size(height: int, width: int, scale: int, tile: int | None) -> None:
-    """Refuse inputs too small to carry a kernel and ones too large to process without (or even with) tiling."""
+def check_lr_size(height: int, width: int, scale: int) -> None:
+    """Refuse inputs too small to carry a kernel and results too large to hold at all."""
     if min(height, width) < MIN_LR_SIZE:
         raise ValueError(f"the image is {width}x{height}; it must be at least {MIN_LR_SIZE}x{MIN_LR_SIZE} pixels")
     pixels = height * width * scale * scale
     if pixels > MAX_PIXELS:
         raise ValueError(f"the {width}x{height} image would give {pixels / 1e6:.0f} MP at ×{scale}; "
                          f"the limit is {MAX_PIXELS / 1e6:.0f} MP")
-    if tile is None and pixels > MAX_UNTILED_PIXELS:
-        raise ValueError(f"the {width}x{height} image gives {pixels / 1e6:.1f} MP at ×{scale}, too large to process "
-                         f"in one piece; pass tile=256 to process it in tiles")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9,
+          "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """A memory size in bytes from "2GiB", "1.5 GB", "800M", "512MiB" or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match[2].lower() not in _UNITS:
+            raise ValueError(f"max_memory={text!r} is not a memory size; write e.g. 2GiB, 1.5GB or 800MiB")
+        value = int(float(match[1]) * _UNITS[match[2].lower()])
+    if value <= BASE_MEMORY:
+        raise ValueError(f"max_memory={text!r} is below the {BASE_MEMORY / 2**20:.0f} MiB the program takes before "
+                         f"any image; give more, e.g. 1GiB")
+    return value
 
 
 class BlindDiff:
@@ -168,30 +204,85 @@ class BlindDiff:
     def scale(self) -> int:
         return self.cfg.data.scale
 
-    def run(self, lr: torch.Tensor, seeds: list[int], options: SampleOptions, *, kernel: torch.Tensor | None = None,
-            callback: Callable | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched core: lr [B, 3, h, w] in [0, 1], one seed per image → (sr [B, 3, s·h, s·w], kernel [B, k, k])."""
+    def memory_estimate(self, side: tuple[int, int], hr_width: int, batch: int, options: SampleOptions) -> int:
+        """Bytes the reverse process holds for `batch` windows of side = (height, width) HR pixels in an image
+        `hr_width` HR pixels wide (the model above)."""
+        guided = options.guidance != "none" and options.zeta > 0
+        regime = ("xt" if options.gradient == "xt" else "x0") if guided else "none"
+        cfg = self.model.cfg
+        per_pixel = SAMPLER_BYTES[regime] + NETWORK_BYTES[regime] * cfg.width / cfg.patch_size**2
+        return BASE_MEMORY + int(batch * (side[0] * side[1] * per_pixel + side[0] * hr_width * BAND_BYTES))
+
+    def window_size(self, height: int, width: int, batch: int, options: SampleOptions) -> int | None:
+        """The HR window side for a batch of LR height×width images: `options.tile` if given, None (one window)
+        when the whole image fits `options.max_memory`, else the largest on the grid of the scale and the
+        network's size multiple that fits."""
+        if options.tile is not None or options.max_memory is None:
+            return options.tile
+        budget = parse_memory(options.max_memory)
+        hr_height, hr_width = self.scale * height, self.scale * width
+        if self.memory_estimate((hr_height, hr_width), hr_width, batch, options) <= budget:
+            return None
+        need = math.lcm(self.scale, self.model.cfg.size_multiple)
+        smallest = need * math.ceil(max(MIN_WINDOW, 2 * options.tile_overlap + need) / need)
+        side = smallest
+        while side + need <= max(hr_height, hr_width) and \
+                self.memory_estimate((side + need, side + need), hr_width, batch, options) <= budget:
+            side += need
+        if self.memory_estimate((side, side), hr_width, batch, options) > budget:
+            least = self.memory_estimate((smallest, smallest), hr_width, batch, options)
+            raise ValueError(f"max_memory={budget / 2**20:.0f}MiB is too little for windows of {smallest} pixels "
+                             f"(the smallest) on this image; give max_memory={math.ceil(least / 2**20)}MiB or more")
+        return side
+
+    def stream(self, lr: torch.Tensor, seeds: list[int], options: SampleOptions,
+               write: Callable[[int, torch.Tensor], object], *, kernel: torch.Tensor | None = None,
+               callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        """The core: lr [B, 3, h, w] in [0, 1], one seed per image; the result leaves through `write(top, band)`,
+        bands [B, 3, rows, s·w] of finished HR rows, top to bottom (`sample_windows`) → kernels [B, k, k]
+        (the windows' mean when the image is tiled, weighted by their share of it)."""
         if len(seeds) != lr.shape[0]:
             raise ValueError(f"{lr.shape[0]} images but {len(seeds)} seeds; give one seed per image")
         self.check_options(options, seeds)
-        check_lr_size(lr.shape[-2], lr.shape[-1], self.scale, options.tile)
+        check_lr_size(lr.shape[-2], lr.shape[-1], self.scale)
         chain = sampling_chain(self.cfg.diffusion, options.steps)
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         lr = lr.to(self.device)
         denoiser = self.model if kernel is None else known_kernel(self.model, kernel.to(self.device))
-        if options.tile is not None:
-            denoiser = tiled(denoiser, options.tile, options.tile_overlap, self.scale, self.model.cfg.size_multiple)
-        energy = data_term(options.guidance, lr, self.scale, self.cfg.data.downsample,
-                           x0_norm_weight=options.x0_norm_weight)
+        weights = noise_weights(lr) if options.guidance == "noise-aware" else None  # of the whole image
+        tile = self.window_size(lr.shape[-2], lr.shape[-1], lr.shape[0], options)
+
+        def term(crop: torch.Tensor) -> Any:
+            return data_term(options.guidance, crop, self.scale, self.cfg.data.downsample,
+                             x0_norm_weight=options.x0_norm_weight, noise_weights=weights)
+
+        def checked(top: int, band: torch.Tensor) -> None:
+            if not bool(torch.isfinite(band).all()):
+                raise ValueError(f"the reverse process diverged (NaN or infinite values) with zeta={options.zeta:g}, "
+                                 f"steps={options.steps}; try a smaller zeta, or other weights")
+            write(top, band)
+
         with autocast(self.precision, self.device):
-            sr, estimated = sample(denoiser, lr, chain, scale=self.scale, data_term=energy, zeta=options.zeta,
-                                   gradient=options.gradient, sampler=options.sampler, eta=options.eta,
-                                   generators=generators, callback=callback, progress=progress)
-        sr, estimated = sr.float().cpu(), estimated.float().cpu()
-        if not (bool(torch.isfinite(sr).all()) and bool(torch.isfinite(estimated).all())):
-            raise ValueError(f"the reverse process diverged (NaN or infinite values) with zeta={options.zeta:g}, "
-                             f"steps={options.steps}; try a smaller zeta, or other weights")
-        return sr, estimated
+            estimated = sample_windows(denoiser, lr, chain, scale=self.scale, write=checked, tile=tile,
+                                       overlap=options.tile_overlap, multiple=self.model.cfg.size_multiple,
+                                       data_term=term, noise=PositionalNoise(seeds), zeta=options.zeta,
+                                       gradient=options.gradient, sampler=options.sampler, eta=options.eta,
+                                       callback=callback, progress=progress)
+        estimated = estimated.float().cpu()
+        if not bool(torch.isfinite(estimated).all()):
+            raise ValueError(f"the reverse process diverged (NaN or infinite kernel) with zeta={options.zeta:g}; "
+                             f"try a smaller zeta, or other weights")
+        return estimated
+
+    def run(self, lr: torch.Tensor, seeds: list[int], options: SampleOptions, *, kernel: torch.Tensor | None = None,
+            callback: Callable | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched core: lr [B, 3, h, w] in [0, 1], one seed per image → (sr [B, 3, s·h, s·w], kernel [B, k, k]),
+        sr in float32 (`stream` writes the result in any pixel type, band by band)."""
+        sr = torch.empty(lr.shape[0], 3, self.scale * lr.shape[-2], self.scale * lr.shape[-1])
+
+        def write(top: int, band: torch.Tensor) -> None:
+            sr[:, :, top:top + band.shape[2]] = band
+
+        return sr, self.stream(lr, seeds, options, write, kernel=kernel, callback=callback, progress=progress)
 
     def check_options(self, options: SampleOptions, seeds: list[int] = ()) -> None:
         """Check the sampling options (and seeds) once, before any image: errors name the option."""
@@ -199,8 +290,11 @@ class BlindDiff:
         check_options(sampler=options.sampler, eta=options.eta, zeta=options.zeta, gradient=options.gradient)
         data_term(options.guidance, torch.zeros(1, 3, 1, 1), 1, self.cfg.data.downsample,
                   x0_norm_weight=options.x0_norm_weight)
-        if options.tile is not None:
-            tiled(self.model, options.tile, options.tile_overlap, self.scale, self.model.cfg.size_multiple)
+        need = math.lcm(self.scale, self.model.cfg.size_multiple)
+        check_tile(options.tile if options.tile is not None else need * (options.tile_overlap // need + 1),
+                   options.tile_overlap, self.scale, self.model.cfg.size_multiple)
+        if options.max_memory is not None:
+            parse_memory(options.max_memory)
         for seed in seeds:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
                 raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**64)")
@@ -216,13 +310,18 @@ class BlindDiff:
         """
         rgb, alpha, kind = to_tensor(image)
         given = None if kernel is None else given_kernels(kernel, rgb.shape[0])
-        sr, estimated = self.run(rgb, [seed] * rgb.shape[0], self.options(mode, **options), kernel=given,
-                                 callback=callback, progress=progress)
-        alpha_up = None if alpha is None else self.upscale_alpha(alpha)
+        result = ResultBuffer(kind, rgb.shape[0], self.scale * rgb.shape[-2], self.scale * rgb.shape[-1])
+
+        def write(top: int, band: torch.Tensor) -> None:
+            rows = slice(top, top + band.shape[2])
+            result.write(top, band, None if alpha is None else self.upscale_alpha(alpha, rows))
+
+        estimated = self.stream(rgb, [seed] * rgb.shape[0], self.options(mode, **options), write,
+                                kernel=given, callback=callback, progress=progress)
         out_kernel: Any = estimated if kind.source == "tensor" and kind.ndim == 4 else estimated[0]
         if kind.source != "tensor":
             out_kernel = out_kernel.numpy()
-        return from_tensor(sr, alpha_up, kind), out_kernel
+        return result.image(), out_kernel
 
     def deblur(self, image: Any, **kwargs: Any) -> tuple[Any, Any]:
         """Blind deblurring (a scale-1 model): same as `upscale`."""
@@ -235,6 +334,20 @@ class BlindDiff:
             raise ValueError(f"these weights upscale ×{self.scale}; deblurring needs a scale-1 model "
                              f"(e.g. the shipped {DEFAULT_DEBLUR_WEIGHTS!r}, `deblur`'s default)")
 
-    def upscale_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
-        """An alpha channel [B, 1, h, w] resized ×s with MATLAB bicubic (not through the diffusion model)."""
-        return matlab_bicubic_resize(alpha.float(), scale=self.scale).clamp(0, 1)
+    def upscale_alpha(self, alpha: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """An alpha channel [B, 1, h, w] resized ×s with MATLAB bicubic (not through the diffusion model), or only
+        the HR `rows` of it (on the s-grid), computed piece by piece from the LR pixels around them: the same
+        values, in memory of the rows' size."""
+        scale, (height, width) = self.scale, alpha.shape[-2:]
+        if scale == 1:
+            return alpha.float()[..., rows or slice(None), :]
+        rows = rows or slice(0, scale * height)
+        margin, chunk = 4, 512  # LR pixels beyond the bicubic taps (±2); LR columns per piece
+        top, bottom = max(0, rows.start // scale - margin), min(height, -(-rows.stop // scale) + margin)
+        pieces = []
+        for left in range(0, width, chunk):
+            first, last = max(0, left - margin), min(width, left + chunk + margin)
+            up = matlab_bicubic_resize(alpha[..., top:bottom, first:last].float(), scale=scale)
+            pieces.append(up[..., rows.start - scale * top:rows.stop - scale * top,
+                             scale * (left - first):scale * (min(width, left + chunk) - first)])
+        return torch.cat(pieces, dim=-1).clamp(0, 1)

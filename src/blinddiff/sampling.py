@@ -11,12 +11,13 @@ optimisation of paper §3). The sampler is a plain function over a denoiser call
 forward; nothing here knows the architecture. The paper's ablations are arguments, not forks: the data
 term is a callable built by `kernel_aware_energy` (Algorithm 2), `bicubic_energy` (Table 3's fixed
 bicubic term) or None (ζ = 0 of Table 4); `known_kernel` wraps a denoiser to report the ground-truth
-kernel (the non-blind upper bound); `tiled` wraps one to run on overlapping tiles; the reverse update
-itself is the schedule's (`GaussianDiffusion.step`, DDPM or DDIM).
+kernel (the non-blind upper bound); the reverse update itself is the schedule's (`GaussianDiffusion.step`,
+DDPM or DDIM).
 
 Unlike the authors' release, the autograd graph of a step is freed before the next one, any batch
-size and scale work, and large images can be processed in overlapping tiles at every step with one
-shared kernel, so memory is bounded by the tile and not by the image.
+size and scale work, and an image of any size can be processed as overlapping windows (`sample_windows`),
+each running the whole reverse process, so memory follows the window and not the image (docs/method.md,
+"Images of any size").
 """
 
 from __future__ import annotations
@@ -24,20 +25,23 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .degradation import DOWNSAMPLE_MODES, blur, check_scale, downsample as _downsample_images, \
     estimate_noise_level, matlab_bicubic_resize
-from .diffusion import DiffusionConfig, GaussianDiffusion, per_image_noise, space_timesteps
+from .diffusion import DiffusionConfig, GaussianDiffusion, space_timesteps
 
 __all__ = [
-    "GRADIENTS", "GUIDANCE", "NOISE_FLOOR", "SAMPLERS", "StepInfo", "bicubic_energy", "data_term",
-    "kernel_aware_energy", "known_kernel", "noise_aware_energy", "noise_weights", "sample", "sampling_chain",
-    "tiled",
+    "GRADIENTS", "GUIDANCE", "NOISE_FLOOR", "SAMPLERS", "PositionalNoise", "StepInfo", "Window", "bicubic_energy",
+    "data_term", "kernel_aware_energy", "known_kernel", "noise_aware_energy", "noise_weights", "sample",
+    "sample_windows", "sampling_chain", "window_grid",
 ]
 
 GUIDANCE = ("noise-aware", "kernel-aware", "bicubic", "none")  # the data terms by name (`data_term`)
@@ -100,13 +104,12 @@ def noise_weights(lr: Tensor, floor: float = NOISE_FLOOR) -> Tensor:
 
 
 def noise_aware_energy(lr: Tensor, scale: int, downsample: str = "bicubic", *,
-                       x0_norm_weight: float = 0.0) -> DataTerm:
+                       x0_norm_weight: float = 0.0, weights: Tensor | None = None) -> DataTerm:
     """The kernel-aware data term weighted per image by `noise_weights(lr)`: on a clean input (σ̂ ≤
     `NOISE_FLOOR`, what the estimator reads on clean 8-bit images) it is `kernel_aware_energy`; on a noisy
     or JPEG-compressed input the gradient shrinks as 1/σ̂², as MAP prescribes, so the guidance stops
-    fitting the noise."""
+    fitting the noise. `weights` [B]: given (e.g. those of the whole image, for a window of it) instead."""
     base = kernel_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
-    weights: Tensor | None = None
 
     def energy(x0: Tensor, kernel: Tensor | None) -> Tensor:
         nonlocal weights
@@ -125,12 +128,12 @@ def bicubic_energy(lr: Tensor, scale: int, *, x0_norm_weight: float = 0.0) -> Da
 
 
 def data_term(guidance: str, lr: Tensor, scale: int, downsample: str = "bicubic", *,
-              x0_norm_weight: float = 0.0) -> DataTerm | None:
+              x0_norm_weight: float = 0.0, noise_weights: Tensor | None = None) -> DataTerm | None:
     """The data term called `guidance` ("noise-aware" | "kernel-aware" | "bicubic" | "none" → None), as
-    options name it."""
+    options name it; `noise_weights`: the noise-aware term's weights, if already known."""
     _check_choice("guidance", guidance, GUIDANCE)
     if guidance == "noise-aware":
-        return noise_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
+        return noise_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight, weights=noise_weights)
     if guidance == "kernel-aware":
         return kernel_aware_energy(lr, scale, downsample, x0_norm_weight=x0_norm_weight)
     if guidance == "bicubic":
@@ -189,32 +192,86 @@ def known_kernel(denoiser: Denoiser, kernel: Tensor) -> Denoiser:
     return with_kernel
 
 
-# --------------------------------------------------------------------------- tiles
+# --------------------------------------------------------------------------- noise that windows agree on
 
 
-@dataclass
-class _Tile:
-    """An HR window (top, left, height, width) with its normalised blend weight [1, 1, height, width]."""
+class PositionalNoise:
+    """N(0, I) noise as a function of (image seed, draw, HR position): a window of an image gets exactly the
+    noise the whole image has there, so overlapping windows (`sample_windows`) start from, and add, the same
+    noise, and one window covering the image is the untiled run. Drawn in `block`×`block` squares, each from a
+    generator seeded by (seed, draw, square row, square column); draw 0 is x_T, draw i the noise of step i."""
+
+    block = 64
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.seeds = [int(seed) for seed in seeds]
+
+    @classmethod
+    def from_generators(cls, generators: Sequence[torch.Generator]) -> "PositionalNoise":
+        """One seed per image, drawn from its generator (so a seeded generator gives the same image)."""
+        return cls([int(torch.randint(0, 2**63 - 1, (1,), generator=g)) for g in generators])
+
+    def __call__(self, draw: int, channels: int, window: tuple[int, int, int, int], device: torch.device,
+                 dtype: torch.dtype) -> Tensor:
+        """The noise [B, channels, height, width] of HR window (top, left, height, width)."""
+        top, left, height, width = window
+        size = self.block
+        out = torch.empty(len(self.seeds), channels, height, width)
+        for row in range(top // size, (top + height - 1) // size + 1):
+            for col in range(left // size, (left + width - 1) // size + 1):
+                y0, y1 = max(top, row * size), min(top + height, (row + 1) * size)
+                x0, x1 = max(left, col * size), min(left + width, (col + 1) * size)
+                for b, seed in enumerate(self.seeds):
+                    generator = torch.Generator().manual_seed(_mix(seed, draw, row, col))
+                    square = torch.randn(channels, size, size, generator=generator)
+                    out[b, :, y0 - top:y1 - top, x0 - left:x1 - left] = \
+                        square[:, y0 - row * size:y1 - row * size, x0 - col * size:x1 - col * size]
+        return out.to(device=device, dtype=dtype)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): neighbouring squares and draws get unrelated streams."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value % 2**64)) * 0xBF58476D1CE4E5B9 % 2**64
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB % 2**64
+        state ^= state >> 29
+    return state >> 1
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class Window:
+    """An HR window (top, left, height, width) on the s-grid, with its separable blend weights (1-D)."""
 
     top: int
     left: int
     height: int
     width: int
-    weight: Tensor
+    row_weight: Tensor  # [height], float64
+    col_weight: Tensor  # [width], float64
 
-    def hr(self) -> tuple[slice, slice]:
-        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.top, self.left, self.height, self.width
+
+    def weight(self) -> Tensor:
+        """The blend weight [1, 1, height, width]; over all windows they sum to 1 at every pixel."""
+        return (self.row_weight[:, None] * self.col_weight[None, :])[None, None]
+
+    def area(self) -> float:
+        """The window's share of the image's pixels (Σ of its blend weight)."""
+        return float(self.row_weight.sum() * self.col_weight.sum())
 
     def lr(self, scale: int) -> tuple[slice, slice]:
-        # tiles sit on the s-grid, so the HR window maps onto whole LR pixels
-        return (
-            slice(self.top // scale, (self.top + self.height) // scale),
-            slice(self.left // scale, (self.left + self.width) // scale),
-        )
+        return (slice(self.top // scale, (self.top + self.height) // scale),
+                slice(self.left // scale, (self.left + self.width) // scale))
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one side: stride tile − overlap, the last one flush with the far border."""
+    """Window origins along one side: stride tile − overlap, the last one flush with the far border."""
     if length <= tile:
         return [0]
     return list(range(0, length - tile, tile - overlap)) + [length - tile]
@@ -237,86 +294,134 @@ def _ramps(length: int, starts: list[int], size: int, overlap: int) -> list[Tens
     return [w / total[start : start + size] for start, w in zip(starts, windows)]
 
 
-def _tile_grid(height: int, width: int, tile: int, overlap: int) -> list[_Tile]:
-    """Overlapping tiles covering an HR image; separable weights, so they sum to 1 at every pixel."""
+def window_grid(height: int, width: int, tile: int | None, overlap: int) -> list[Window]:
+    """Overlapping windows covering an HR image of height×width, row by row (None: one window, the image)."""
+    if tile is None:
+        return [Window(0, 0, height, width, torch.ones(height, dtype=torch.float64),
+                       torch.ones(width, dtype=torch.float64))]
     th, tw = min(tile, height), min(tile, width)
     rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
     wy, wx = _ramps(height, rows, th, overlap), _ramps(width, cols, tw, overlap)
-    return [
-        _Tile(top, left, th, tw, (wy[i][:, None] * wx[j][None, :])[None, None])
-        for i, top in enumerate(rows)
-        for j, left in enumerate(cols)
-    ]
+    return [Window(top, left, th, tw, wy[i], wx[j]) for i, top in enumerate(rows) for j, left in enumerate(cols)]
 
 
-def tiled(denoiser: Denoiser, tile: int, overlap: int, scale: int, multiple: int = 1) -> Denoiser:
-    """The denoiser run on HR tiles of `tile` pixels overlapping by `overlap` (a multiple of the scale), with ε̂
-    and v blended by raised-cosine weights and the tiles' mean kernel shared; one tile covering the image is
-    exactly the plain call. `multiple`: the network's input size multiple (tiles sit on the lcm of it and
-    the scale). Its gradient re-runs each tile (vector-Jacobian products), so memory follows the tile, not
-    the image; the network must then be deterministic (eval mode)."""
-    _check_tile(tile, overlap, scale, multiple)
-    grids: dict[tuple[int, int], list[_Tile]] = {}
+def sample_windows(
+    denoiser: Denoiser,
+    lr: Tensor,
+    chain: GaussianDiffusion,
+    *,
+    scale: int,
+    write: Callable[[int, Tensor], object],
+    tile: int | None = None,
+    overlap: int = 0,
+    multiple: int = 1,
+    data_term: Callable[[Tensor], DataTerm | None] | None = None,
+    noise: PositionalNoise | None = None,
+    callback: Callable[[StepInfo], object] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> Tensor:
+    """The whole reverse process (`sample`) on overlapping HR windows of `tile` pixels, one at a time, blended
+    with raised-cosine weights (docs/method.md, "Images of any size") → k̂ [B, k, k], the windows' kernels
+    averaged by their share of the image. tile=None: one window, exactly `sample`.
 
-    def run(x_t: Tensor, t: Tensor, lr: Tensor) -> tuple[Tensor, Tensor]:
-        height, width = x_t.shape[-2:]
-        if height <= tile and width <= tile:
-            return denoiser(x_t, t, lr)
-        if (height, width) not in grids:
-            grids[height, width] = _tile_grid(height, width, tile, overlap)
-        return _TiledCall.apply(x_t, t, lr, denoiser, grids[height, width], scale)
-
-    return run
-
-
-class _TiledCall(torch.autograd.Function):
-    """(out, k̂) blended over tiles; backward re-runs one tile at a time (its graph freed before the next)."""
-
-    @staticmethod
-    def forward(ctx, x_t, t, lr, denoiser, tiles, scale):  # type: ignore[override]
-        ctx.save_for_backward(x_t, t, lr)
-        ctx.denoiser, ctx.tiles, ctx.scale = denoiser, tiles, scale
-        ctx.autocast = _autocast_state(x_t.device)
-        ctx.set_materialize_grads(False)
-        out = kernel = None
-        for tile in tiles:
-            (ys, xs), (ly, lx) = tile.hr(), tile.lr(scale)
-            part, k = _call(denoiser, x_t[:, :, ys, xs], t, lr[:, :, ly, lx])
-            if out is None:
-                out = x_t.new_zeros(x_t.shape[0], part.shape[1], *x_t.shape[2:])
-                kernel = torch.zeros_like(k)
-            out[:, :, ys, xs] += tile.weight.to(part) * part
-            kernel = kernel + k
-        return out, kernel / len(tiles)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_kernel):  # type: ignore[override]
-        x_t, t, lr = ctx.saved_tensors
-        grad = torch.zeros_like(x_t)
-        for tile in ctx.tiles:
-            (ys, xs), (ly, lx) = tile.hr(), tile.lr(ctx.scale)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                x_tile = x_t[:, :, ys, xs].detach().requires_grad_(True)
-                part, k = _call(ctx.denoiser, x_tile, t, lr[:, :, ly, lx])
-                with _no_autocast(x_t.device):
-                    share = part.new_zeros(())
-                    if grad_out is not None:
-                        share = share + (part * (tile.weight.to(part) * grad_out[:, :, ys, xs])).sum()
-                    if grad_kernel is not None:
-                        share = share + (k * grad_kernel).sum() / len(ctx.tiles)
-                (g,) = _grad(share, [x_tile])
-            grad[:, :, ys, xs] += g
-            del part, k, share, g  # free this tile's graph before the next
-        return grad, None, None, None, None, None
-
-
-def _autocast_state(device: torch.device) -> dict:
-    """The caller's autocast settings, to re-enter them when a tile is run again in the backward pass."""
+    Each window runs every step on its own LR crop: its x_t, noise, x̂0 and data-term gradient are window-sized,
+    and the noise is the image's (`PositionalNoise`), so overlaps agree. `data_term(lr_window)` builds a
+    window's data term; it is weighted by √(window area / image area), so that ζ·∂E/∂x keeps the size it has
+    on the whole image (E = ‖y − D_s(x̂0 ⊛ k̂)‖ is un-squared: its gradient is r/‖r‖, and a window's ‖r‖ is
+    √(share) of the image's when the residual is spread evenly). The result leaves through `write(top, band)`:
+    bands [B, C, rows, s·w] of finished HR rows from `top` on, top to bottom; only the band of rows that a
+    window still touches is held in float, so memory follows the window and the image width, not the image.
+    `callback` (a `StepInfo` per step) needs a single window. `multiple`: the network's input size multiple
+    (tiles sit on the lcm of it and the scale).
+    """
+    scale = check_scale(scale)
+    if tile is not None:
+        check_tile(tile, overlap, scale, multiple)
+    if not isinstance(lr, Tensor) or lr.ndim != 4:
+        raise ValueError(f"lr must be a floating tensor [B, C, h, w] in [0, 1], got {_describe(lr)}")
+    batch, channels, h, w = lr.shape
+    height, width = scale * h, scale * w
+    windows = window_grid(height, width, tile, overlap)
+    if callback is not None and len(windows) > 1:
+        raise ValueError(f"a per-step callback needs the image in one window; this one takes {len(windows)} "
+                         f"windows of {tile} pixels: process it untiled (a larger memory budget) or without it")
+    noise = noise or PositionalNoise([0] * batch)
+    meter = _StepMeter(len(windows) * chain.num_steps, progress)
+    band: Tensor | None = None  # HR rows [band_top, band_top + band.shape[2]) still being blended
+    band_top, kernel_sum = 0, None
     try:
-        return {"device_type": device.type, "enabled": torch.is_autocast_enabled(device.type),
-                "dtype": torch.get_autocast_dtype(device.type)}
-    except (RuntimeError, ValueError):  # a backend without autocast
-        return {"device_type": "cpu", "enabled": False}
+        for window in windows:
+            if window.top > band_top and band is not None:  # rows above this window are finished
+                done = window.top - band_top
+                write(band_top, band[:, :, :done])
+                band, band_top = band[:, :, done:], window.top
+            rows_needed = window.top + window.height - band_top
+            if band is None or band.shape[2] < rows_needed:
+                grown = lr.new_zeros(batch, channels, rows_needed, width, dtype=torch.float32, device="cpu")
+                if band is not None:
+                    grown[:, :, : band.shape[2]] = band
+                band = grown
+            ly, lx = window.lr(scale)
+            crop = lr[:, :, ly, lx]
+            term = None if data_term is None else data_term(crop)
+            if term is not None and len(windows) > 1:
+                term = _weighted(term, math.sqrt(window.height * window.width / (height * width)))
+            sr, kernel = sample(denoiser, crop, chain, scale=scale, data_term=term, noise=noise,
+                                origin=(window.top, window.left), callback=_chain(callback, meter), **options)
+            rows = slice(window.top - band_top, window.top - band_top + window.height)
+            cols = slice(window.left, window.left + window.width)
+            band[:, :, rows, cols] += (window.weight() * sr.double().cpu()).float()
+            share = window.area() / (height * width)
+            kernel_sum = kernel * share if kernel_sum is None else kernel_sum + kernel * share
+            del sr
+        assert band is not None and kernel_sum is not None
+        write(band_top, band)
+    finally:
+        meter.close()
+    return kernel_sum
+
+
+def _weighted(term: DataTerm, factor: float) -> DataTerm:
+    return lambda x0, kernel: factor * term(x0, kernel)
+
+
+def _chain(*callbacks: Callable[[StepInfo], object] | None) -> Callable[[StepInfo], object]:
+    def call(info: StepInfo) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(info)
+
+    return call
+
+
+class _StepMeter:
+    """Progress over steps: a tqdm bar on a terminal; elsewhere (a log file, a pipe) a plain line at most every
+    `interval` seconds and one at the end, so no escape codes reach the log."""
+
+    interval = 10.0
+
+    def __init__(self, total: int, enabled: bool, desc: str = "sampling") -> None:
+        self.total, self.done, self.desc, self.bar = total, 0, desc, None
+        self.enabled = enabled
+        self.started = self.shown = time.monotonic()
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+
+    def __call__(self, info: StepInfo | None = None) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and (self.done == self.total or time.monotonic() - self.shown >= self.interval):
+            self.shown = time.monotonic()
+            print(f"{self.desc}: {self.done}/{self.total} steps, {self.shown - self.started:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- network evaluation
@@ -400,6 +505,8 @@ def sample(
     sampler: str = "ddpm",
     eta: float = 0.0,
     generators: Sequence[torch.Generator] | None = None,
+    noise: PositionalNoise | None = None,
+    origin: tuple[int, int] = (0, 0),
     callback: Callable[[StepInfo], object] | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -412,8 +519,10 @@ def sample(
     parameter gradients); "x0" runs the network without autograd and uses ∂E/∂x̂0 in place of ∂E/∂x_t
     (cheaper, an approximation). No data term or ζ = 0 computes no gradient at all.
 
-    `generators`: one per image; x_T and the noise of image b come from generators[b], so a seed gives
-    the same image whatever the batch; None → every image gets a generator seeded 0. The callback gets a
+    `generators`: one per image; x_T and the noise of image b come from generators[b] (through one seed drawn
+    from it, `PositionalNoise.from_generators`), so a seed gives the same image whatever the batch; None →
+    every image gets a generator seeded 0. Or give the `noise` itself, and `origin`, the HR (top, left) of
+    this image in a larger one whose noise it is (a window of `sample_windows`). The callback gets a
     `StepInfo` after every step. Returns the final kernel: k̂ of the last step.
     """
     check_options(sampler=sampler, eta=eta, zeta=zeta, gradient=gradient)
@@ -435,19 +544,28 @@ def sample(
         raise ValueError(f"lr shape {tuple(lr.shape)}: need at least one image of at least 1×1 pixels")
     dtype = torch.promote_types(lr.dtype, torch.float32)
     device = lr.device
-    gens = _check_generators(generators, batch)
+    if noise is None:
+        noise = PositionalNoise.from_generators(_check_generators(generators, batch))
+    elif generators is not None:
+        raise ValueError("give generators or noise, not both")
+    elif not isinstance(noise, PositionalNoise) or len(noise.seeds) != batch:
+        raise ValueError(f"noise must be a PositionalNoise with one seed per image ({batch})")
+    box = (int(origin[0]), int(origin[1]), scale * h, scale * w)
     guided = data_term is not None and zeta > 0.0
+    if not guided and callback is None:
+        data_term = None  # E would only be reported: not worth its image-sized tensors
 
     # Never build on an inference tensor: a caller's inference_mode must not break the gradient step.
     with torch.inference_mode(False):
         lr = lr.to(dtype).clone()
-        x = per_image_noise(gens, (channels, scale * h, scale * w), device, dtype)  # x_T
+        x = noise(0, channels, box, device, dtype)  # x_T
         kernel: Tensor | None = None
-        for order, index in enumerate(_progress(range(chain.num_steps - 1, -1, -1), progress)):
+        meter = _StepMeter(chain.num_steps, progress)
+        for order, index in enumerate(range(chain.num_steps - 1, -1, -1)):
             p, kernel, energy, grad = _evaluate(denoiser, x, index, chain, lr, data_term, guided, gradient)
             with torch.no_grad(), _no_autocast(device):
                 x_next = chain.step(p, x, index, sampler=sampler, eta=eta,
-                                    noise=lambda: per_image_noise(gens, x.shape[1:], device, x.dtype))
+                                    noise=lambda: noise(order + 1, channels, box, device, x.dtype))
                 if grad is not None:
                     x_next = x_next - zeta * grad.to(x_next.dtype)
             kernel = kernel.detach()
@@ -455,16 +573,10 @@ def sample(
                 callback(StepInfo(order, int(chain.timestep_map[index]), x, p["pred_x0"], kernel, energy))
             x = x_next.detach()
             del p, grad, x_next, energy
+            meter()
+        meter.close()
     assert kernel is not None
     return x.clamp(0.0, 1.0), kernel
-
-
-def _progress(steps: range, enabled: bool) -> Iterator[int]:
-    if not enabled:
-        return iter(steps)
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(steps, desc="sampling", unit="step"))
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -510,7 +622,7 @@ def check_options(*, sampler: str = "ddpm", eta: float = 0.0, zeta: float = 1.0,
         raise ValueError(f"eta={eta!r}: must be a number in [0, 1] (0 = deterministic DDIM, 1 ≈ DDPM)")
 
 
-def _check_tile(tile: object, overlap: object, scale: int, multiple: int) -> None:
+def check_tile(tile: object, overlap: object, scale: int, multiple: int) -> None:
     need = math.lcm(check_scale(scale), multiple)
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1 or tile % need:
         suggestion = need * max(1, round(tile / need)) if isinstance(tile, int) and not isinstance(tile, bool) else need
