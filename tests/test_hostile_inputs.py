@@ -146,6 +146,18 @@ def test_train_validates_before_writing_the_run_folder(hr_folder: Path, tmp_path
     assert "config.yaml" in capsys.readouterr().err
 
 
+def test_train_checks_the_data_before_writing_the_run_folder(hr_folder: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    (tmp_path / "empty").mkdir()
+    base = ["train", "--config", "tiny", "--out", str(run), "--no-progress", "--set", "train.steps=1"]
+    for root in (tmp_path / "missing", tmp_path / "empty"):
+        assert main([*base, "--set", f"data.root={root}"]) == 2
+        assert str(root) in capsys.readouterr().err
+        assert not run.exists()
+    assert main([*base, "--set", f"data.root={hr_folder}"]) == 0  # the corrected command is not "another run's"
+    assert (run / "weights.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- 5: paths from manifests and options stay inside
 
 

@@ -242,15 +242,6 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         loss_avg, skipped = state["loss_avg"], state["skipped"]
     elif resume and runtime.main:
         print(f"no checkpoint in {ckpt_dir}: starting from step 0", flush=True)
-    if runtime.main:  # only now that the config has built the network and read the checkpoint
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(run / "config.yaml", cfg)
-
-    wrapped: nn.Module = model
-    if runtime.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(wrapped) if tc.compile else wrapped
-
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     perceptual = None
     if cfg.diffusion.perceptual_loss_weight > 0:  # frozen LPIPS (the installed weights), a loss on x̂0
@@ -260,6 +251,15 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     degradation = TrainingDegradation.from_config(cfg.data)
     dataset = HRPatches(cfg.data.root, cfg.data.crop, skip_bad=cfg.data.skip_bad, cache=cfg.data.cache,
                         seed=tc.seed)
+    if runtime.main:  # only now that the network, the checkpoint, the loss weights and the data are checked
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(run / "config.yaml", cfg)
+
+    wrapped: nn.Module = model
+    if runtime.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(wrapped) if tc.compile else wrapped
+
     batches = StepBatches(len(dataset), tc.batch_size, tc.seed, runtime.rank, runtime.world, start)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.workers,
                         persistent_workers=cfg.data.workers > 0, pin_memory=device.type == "cuda")
