@@ -433,6 +433,17 @@ def test_truncated_mat_file_is_a_one_line_error(tmp_path: Path) -> None:
         load_kernel(tmp_path / "k.mat")
 
 
+def test_a_kernel_whose_sum_overflows_is_named_so(hr_folder: Path, tmp_path: Path, capsys) -> None:
+    import warnings
+
+    np.save(tmp_path / "k.npy", np.full((5, 5), 1e308))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reason is the message, not a numpy overflow warning
+        assert main(["degrade", str(hr_folder), "--out", str(tmp_path / "out"), "--kernel", str(tmp_path / "k.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "k.npy" in err and "overflow" in err and "sums to 0" not in err
+
+
 def rewrite_metadata(source: Path, target: Path, config_text: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -534,6 +545,27 @@ def test_evaluate_with_a_wrong_niqe_file_is_one_line(tmp_path: Path, capsys) -> 
     assert main(["evaluate", "--benchmark", str(tmp_path / "set"), "--sr", str(tmp_path / "sr"), "--metrics", "niqe",
                  "--niqe-params", str(tmp_path / "x.npy")]) == 2
     assert "x.npy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("estimate, message", [(np.ones((5, 5)), "sums to 25"), (-np.eye(5) / 5 + 0.08, "negative"),
+                                               (np.full((5, 5), np.inf), "non-finite")])
+def test_evaluate_scores_only_estimates_that_are_kernels(tmp_path: Path, capsys, estimate: np.ndarray,
+                                                         message: str) -> None:
+    save(tmp_path / "set" / "HR" / "a.png", 48, 48)
+    save(tmp_path / "set" / "LR" / "a.png")
+    np.save(tmp_path / "set" / "a.npy", np.ones((3, 3)) / 9)
+    write_manifest(tmp_path / "set", [{"name": "a", "hr": "HR/a.png", "lr": "LR/a.png", "kernel": "a.npy"}])
+    save(tmp_path / "sr" / "a.png", 48, 48, "coffee")
+    args = ["evaluate", "--benchmark", str(tmp_path / "set"), "--sr", str(tmp_path / "sr"), "--metrics",
+            "psnr,kernel_l1"]
+    np.save(tmp_path / "sr" / "a_kernel.npy", estimate)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "a_kernel.npy" in err and message in err
+    assert json.loads((tmp_path / "sr" / "metrics.json").read_text())["cases"] == []
+    np.save(tmp_path / "sr" / "a_kernel.npy", np.ones((5, 5), np.float32) / 25)  # float32 rounding is fine
+    assert main(args) == 0
+    assert json.loads((tmp_path / "sr" / "metrics.json").read_text())["cases"][0]["kernel_l1"] > 0
 
 
 # ---------------------------------------------------------------- 18: global options checked once, up front

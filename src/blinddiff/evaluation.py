@@ -45,6 +45,7 @@ import torch
 from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, kernel_picture, read_rgb, tensor_to_rgb, \
     write_json, write_png, write_result
 from .hardware import Runtime, distributed, gather, shard
+from .kernels import validate_kernel
 from .metrics import ALL_METRICS, KERNEL_METRICS, LUMA_METRICS, MetricSuite, build_metric_suite, kernel_l1, psnr, \
     set_fid
 from .peers import DECONVOLUTION, PEERS, check_deconvolution, check_peers, deconvolution_producers, peer_producers
@@ -107,8 +108,7 @@ def _score_file(bench: BenchmarkSet, case: dict, sr_path: Path, kernel_path: Pat
             kernel = np.load(kernel_path, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise ImageError(f"{kernel_path}: not a readable .npy kernel ({err})") from None
-        if kernel.ndim != 2 or not np.isfinite(kernel).all():
-            raise ImageError(f"{kernel_path}: expected a finite [k, k] kernel, got shape {kernel.shape}")
+        validate_kernel(kernel, f"estimated kernel {kernel_path}", normalised=True)  # scored as saved
     return suite.score(sr, hr, scale=bench.scale, downsample=bench.downsample, kernel=kernel,
                        gt_kernel=bench.gt_kernel(case) if kernel is not None else None, names=names)
 
