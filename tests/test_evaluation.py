@@ -97,12 +97,13 @@ def test_evaluate_known_values(bench: Path, tmp_path: Path, capsys: pytest.Captu
     table = capsys.readouterr().out
     lpips = ["lpips_vgg"] if LPIPS_INSTALLED else []
     assert f"| sr | 4 | inf | 1.0000 | {'0.0000 | ' * len(lpips)}0.0000 | inf |" in table
-    result = json.loads((tmp_path / "r.json").read_text())
+    assert "r.json: " in table and "value(s) that are not finite numbers are null" in table
+    result = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda constant: pytest.fail(constant))
     assert result["metrics"] == ["psnr", "ssim", *lpips, "kernel_l1", "lr_psnr"] and result["luma"] == "studio"
     assert [row["name"] for row in result["cases"]] == [c["name"] for c in cases(bench)]
     for row in result["cases"]:
-        assert row["psnr"] == math.inf and row["ssim"] == pytest.approx(1.0, abs=1e-12)
-        assert row["kernel_l1"] == 0.0 and row["lr_psnr"] == math.inf
+        assert row["psnr"] is None and row["ssim"] == pytest.approx(1.0, abs=1e-12)  # inf: JSON has none
+        assert row["kernel_l1"] == 0.0 and row["lr_psnr"] is None
         assert row.get("lpips_vgg", 0.0) == pytest.approx(0.0, abs=1e-6)
     csv_lines = (tmp_path / "r.csv").read_text().splitlines()
     assert csv_lines[0].startswith(",".join(["name,image,group,psnr,ssim", *lpips, "kernel_l1,lr_psnr"]))

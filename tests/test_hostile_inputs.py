@@ -42,6 +42,14 @@ def crafted_png(width: int, height: int, idat: bytes) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
+def strict_json(text: str) -> object:
+    """JSON as other readers take it: a bare NaN or Infinity (which Python writes and reads) is an error."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 @pytest.fixture(scope="module")
 def model(weights: Path) -> BlindDiff:
     return BlindDiff.from_pretrained(weights, device="cpu")
@@ -307,6 +315,8 @@ def test_training_with_a_diverging_loss_stops(hr_folder: Path, tmp_path: Path, c
                  "--set", "train.lr=1e9", "--set", "train.steps=30", "--set", "train.checkpoint_every=100"]) == 1
     assert "not finite" in capsys.readouterr().err
     assert not (run / "weights.safetensors").exists()
+    log = [strict_json(line) for line in (run / "log.jsonl").read_text().splitlines()]  # no bare NaN in the log
+    assert any(record.get("skipped_loss", 0.0) is None for record in log)
 
 
 @pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.lr=-1", "train.warmup_steps=-5",
@@ -343,6 +353,29 @@ def test_benchmark_resume_refuses_a_test_set_rebuilt_with_other_content(hr_folde
     Image.fromarray(255 - np.asarray(Image.open(lr))).save(lr)
     with pytest.raises(ValueError, match="cases_sha256"):
         run()
+
+
+def test_benchmark_resume_scores_a_nan_record_again(hr_folder: Path, tmp_path: Path, weights: Path) -> None:
+    from blinddiff.evaluation import BenchmarkSettings, run_benchmark
+    from blinddiff.inference import SampleOptions
+    from blinddiff.metrics import build_metric_suite
+
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(tmp_path / "set"), "--protocol", "iso:1"]) == 0
+    settings = BenchmarkSettings(baselines=(), limit=1, trajectory_cases=0, report_cases=0)
+
+    def run() -> dict:
+        run_benchmark(tmp_path / "set", weights, tmp_path / "run", options=SampleOptions(steps=1), settings=settings,
+                      suite=build_metric_suite(["psnr", "ssim"]), device="cpu", log=lambda message: None)
+        return strict_json((tmp_path / "run" / "results.json").read_text())["methods"]["blinddiff"]["cases"][0]
+
+    first = run()
+    record_path = next((tmp_path / "run" / "blinddiff" / "records").iterdir())
+    record = json.loads(record_path.read_text())
+    record["metrics"]["psnr"], record["seconds"] = math.nan, math.inf
+    record_path.write_text(json.dumps(record))  # as Python writes it: a bare NaN and Infinity
+    again = run()
+    assert again["psnr"] == first["psnr"] and math.isfinite(again["psnr"]) and again["ssim"] == first["ssim"]
+    assert strict_json(record_path.read_text())["metrics"]["psnr"] == first["psnr"]
 
 
 # ---------------------------------------------------------------- 12: kernel sizes

@@ -169,7 +169,8 @@ def metric_suite_from(args: argparse.Namespace, device: Any) -> MetricSuite:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_results, group_summaries, markdown_table, row_columns, summarize_set, write_csv
+    from .evaluation import evaluate_results, group_summaries, markdown_table, null_note, row_columns, summarize_set, \
+        write_csv
     from .fileio import check_name_part, write_json
     from .hardware import distributed
     from .testsets import load_benchmark
@@ -188,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         summary = summarize_set(rows, suite.names, suite, bench, [sr_dir / row["file"] for row in rows])
         json_path = Path(args.json) if args.json else sr_dir / "metrics.json"
         csv_path = Path(args.csv) if args.csv else sr_dir / "metrics.csv"
-        write_json(json_path, {"benchmark": str(bench.root), "sr": str(sr_dir), "suffix": args.suffix,
+        nulls = write_json(json_path, {"benchmark": str(bench.root), "sr": str(sr_dir), "suffix": args.suffix,
                                "metrics": list(suite.names), "luma": suite.luma, "mean": summary,
                                "groups": group_summaries(rows, suite.names), "cases": rows, "problems": problems})
         write_csv(csv_path, rows, row_columns(rows, suite.names) + ["file"])
@@ -197,6 +198,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print()
             print(markdown_table(group_summaries(rows, suite.names), suite.names, first="kernel"), end="")
         print(f"{len(rows)} of {len(bench.cases)} case(s) scored; per-image results: {json_path}, {csv_path}")
+        if nulls:
+            print(null_note(str(json_path), nulls))
         return report(problems, args)
 
 

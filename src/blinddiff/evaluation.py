@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "case_pictures", "evaluate_results",
     "line_plot",
-    "markdown_table", "run_benchmark", "save_figure", "scatter_plot", "summarize",
+    "markdown_table", "null_note", "run_benchmark", "save_figure", "scatter_plot", "summarize",
 ]
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
@@ -209,6 +209,12 @@ def _format(name: str, value: float | None) -> str:
     return format(value, _FORMATS.get(name, ".4f"))
 
 
+def null_note(name: str, nulls: int) -> str:
+    """The line that says a JSON file holds null where a value was not a finite number (`fileio.write_json`)."""
+    return (f"{name}: {nulls} value(s) that are not finite numbers are null there (JSON has no inf or NaN; "
+            f"an inf PSNR means identical images); the tables show them as inf/nan")
+
+
 def markdown_table(summaries: dict[str, dict[str, float]], metrics: Sequence[str], *, first: str = "method") -> str:
     """Markdown table: one row per entry of ``summaries`` (e.g. method → means), one column per metric."""
     columns = [name for name in metrics if any(name in s for s in summaries.values())]
@@ -350,7 +356,13 @@ def _spread(items: Sequence[Any], count: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _read_record(path: Path) -> dict | None:
+    """A finished case's record, without the values that are not finite numbers (NaN, inf, null, text):
+    those metrics count as missing and are scored again from the case's files."""
     if not path.is_file():
         return None
     try:
@@ -361,6 +373,9 @@ def _read_record(path: Path) -> dict | None:
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) \
             or not all((folder / f).is_file() for f in record.get("files", [None])):
         return None
+    record["metrics"] = {k: v for k, v in record["metrics"].items() if _is_finite_number(v)}
+    if not _is_finite_number(record.get("seconds", 0.0)):
+        del record["seconds"]
     return record
 
 
@@ -715,8 +730,6 @@ def _write_outputs(out: Path, bench: BenchmarkSet, cases: list[dict], method_row
     markdown = (f"# Benchmark {bench.root.name} (×{bench.scale}, {bench.manifest.get('protocol', '?')}), "
                 f"{len(cases)} case(s), {options.steps} steps, {_LUMA_TEXT[suite.luma]}\n\n{table}\n## By kernel\n\n"
                 f"{markdown_table(by_kernel, metrics, first='kernel · method')}")
-    with atomic_write(out / "results.md", "w") as handle:
-        handle.write(markdown)
     all_rows = [{"method": method, **row} for method, rows in method_rows.items() for row in rows]
     write_csv(out / "results.csv", all_rows, row_columns(all_rows, metrics, lead=("method",)))
     results = {"benchmark": str(bench.root), "protocol": bench.manifest.get("protocol"), "scale": bench.scale,
@@ -725,7 +738,13 @@ def _write_outputs(out: Path, bench: BenchmarkSet, cases: list[dict], method_row
                "methods": {m: {"mean": summaries[m], "groups": groups[m], "cases": method_rows[m]}
                            for m in method_rows},
                "trajectory": traces, "steps_sweep": sweep, "problems": problems}
-    write_json(out / "results.json", results)
+    nulls = write_json(out / "results.json", results)
+    if nulls:
+        note = null_note("results.json", nulls)
+        markdown += f"\n{note}\n"
+        log(note)
+    with atomic_write(out / "results.md", "w") as handle:
+        handle.write(markdown)
     plots = _write_plots(out, traces, sweep, summaries, suite.luma)
     _write_report(out, bench, method_rows, summaries, table, plots, settings, options, suite.luma)
     log(table.rstrip())

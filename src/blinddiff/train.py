@@ -30,7 +30,7 @@ from .checkpoint import check_state_fits, checkpoint_index, complete_checkpoints
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
-from .fileio import remove_temporaries
+from .fileio import finite_or_null, remove_temporaries
 from .hardware import autocast, resolve_precision, setup_runtime
 from .kernels import fit_kernel_pca
 from .model import MCFormer
@@ -139,7 +139,7 @@ class Logger:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_or_null(record)[0], allow_nan=False) + "\n")  # a NaN loss: null
         if self.board is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
