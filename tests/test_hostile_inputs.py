@@ -499,6 +499,29 @@ def test_weights_with_bad_metadata_are_named(weights: Path, tmp_path: Path, conf
         BlindDiff.from_pretrained(tmp_path / "bad.safetensors", device="cpu")
 
 
+@pytest.mark.parametrize("damage, message", [("3 GiB", "GiB"), ("truncated", "file holds"),
+                                             ("size field", "header size field"), ("padded", "file holds")])
+def test_weights_are_checked_by_their_header_before_any_tensor_is_read(weights: Path, tmp_path: Path,
+                                                                       monkeypatch, damage: str, message: str) -> None:
+    path = tmp_path / "w.safetensors"
+    data = weights.read_bytes()
+    if damage == "3 GiB":
+        with open(path, "wb") as handle:
+            handle.truncate(3 * 2**30)  # sparse: no disk used
+    else:
+        path.write_bytes({"truncated": data[: len(data) - 100], "size field": b"\xff" * 8 + data[8:],
+                          "padded": data + b"\0" * 100}[damage])
+
+    def read_whole(self: Path) -> bytes:
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", read_whole)
+    with pytest.raises(ValueError, match=message) as error:
+        BlindDiff.from_pretrained(path, device="cpu")
+    assert str(path) in str(error.value)
+    assert BlindDiff.from_pretrained(weights, device="cpu").scale == 4  # intact weights still load, not read whole
+
+
 class Boom:
     def __reduce__(self):
         return (print, ("pwned",))
