@@ -355,6 +355,18 @@ def test_benchmark_argument_errors(bench: Path, weights: Path, tmp_path: Path) -
                 str(tmp_path / "r2"), "--device", "cpu")
 
 
+def test_gt_kernel_baseline_only_where_the_options_use_a_kernel(bench: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    base = ["benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out", str(out), "--device", "cpu",
+            "--no-progress", "--limit", "1", "--trajectory-cases", "0", "--report-cases", "0", "--metrics", "psnr"]
+    for options in (["--mode", "fidelity"], ["--guidance", "bicubic"], ["--zeta", "0"]):  # the row would equal ours
+        with pytest.raises(ValueError, match="gt-kernel would equal blinddiff.*--baselines bicubic"):
+            run_cli(*base, *options, "--baselines", "bicubic,gt-kernel")
+        assert not out.exists()  # refused before any work
+    assert run_cli(*base, "--mode", "fidelity") == 0  # by default it is left out there
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"blinddiff", "bicubic"}
+
+
 @pytest.mark.slow
 def test_two_process_gloo_benchmark_equals_single_process(run_folder: Path, bench: Path, weights: Path,
                                                           tmp_path: Path) -> None:

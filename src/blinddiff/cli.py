@@ -211,11 +211,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .evaluation import BenchmarkSettings, run_benchmark
+    from .evaluation import BenchmarkSettings, default_baselines, run_benchmark
 
     options = sample_options_from(args)
-    baselines = () if args.baselines.strip() in ("", "none") else \
-        tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    if args.baselines is None:
+        baselines = default_baselines(options)
+    else:
+        baselines = () if args.baselines.strip() in ("", "none") else \
+            tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     settings = BenchmarkSettings(seed=args.seed, batch_size=args.batch_size, baselines=baselines, limit=args.limit,
                                  trajectory_cases=args.trajectory_cases, trajectory_steps=args.trajectory_steps,
                                  steps_sweep=args.steps_sweep, sweep_cases=args.sweep_cases,
@@ -374,9 +377,11 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
     parser.add_argument("--out", required=True, help="run folder (re-running it resumes)")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help=f"some of {','.join(ALL_BASELINES)}, or none (the peers need `make peers` and ×4; "
-                             "blurry, rl-* and wiener-* are for scale 1; *-est reuse blinddiff's kernels of the run)")
+    parser.add_argument("--baselines", default=None,
+                        help=f"some of {','.join(ALL_BASELINES)}, or none (default {','.join(BASELINES)}, without "
+                             "gt-kernel where the options use no kernel, as --mode fidelity; the peers need "
+                             "`make peers` and ×4; blurry, rl-* and wiener-* are for scale 1; *-est reuse "
+                             "blinddiff's kernels of the run)")
     parser.add_argument("--limit", type=int, default=None,
                         help="only N cases, spread evenly over the set (a stated subset of a large set)")
     parser.add_argument("--trajectory-cases", type=int, default=2, help="images traced along the reverse process")

@@ -55,13 +55,19 @@ if TYPE_CHECKING:
     from .inference import BlindDiff, SampleOptions
 
 __all__ = [
-    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "case_pictures", "evaluate_results",
+    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "case_pictures",
+    "default_baselines", "evaluate_results",
     "line_plot",
     "markdown_table", "null_note", "run_benchmark", "save_figure", "scatter_plot", "summarize",
 ]
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
 BASELINES = ("bicubic", "gt-kernel")  # the default; the peers (blinddiff.peers) need `make peers`
+
+
+def default_baselines(options: SampleOptions) -> tuple[str, ...]:
+    """`BASELINES`, without gt-kernel where the options do not use a kernel (it would equal the method)."""
+    return BASELINES if options.uses_kernel else tuple(b for b in BASELINES if b != "gt-kernel")
 ALL_BASELINES = BASELINES + ("blurry",) + DECONVOLUTION + PEERS  # blurry and deconvolution: scale 1 only
 
 _LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_vgg": "LPIPS-VGG ↓", "lpips_alex": "LPIPS-Alex ↓",
@@ -633,6 +639,12 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
             raise ValueError(f"baselines {','.join(needs_truth)} need the true kernel, which the real pairs of "
                              f"{bench.root} do not have; leave them out (e.g. --baselines bicubic,realesrgan)")
         settings = replace(settings, trajectory_cases=0)  # the traces score k̂_t against the true kernel
+    if "gt-kernel" in settings.baselines and not options.uses_kernel:
+        reason = (f"--zeta {options.zeta:g} turns that off (as --mode fidelity does)" if not options.zeta > 0
+                  else f"--guidance {options.guidance} has none")
+        raise ValueError(f"baseline gt-kernel would equal {METHOD}: the true kernel enters only the kernel-aware "
+                         f"data term, and {reason}; leave gt-kernel out (--baselines bicubic) or pass --zeta > 0 "
+                         f"with --guidance noise-aware or kernel-aware")
     if "blurry" in settings.baselines and bench.scale != 1:
         raise ValueError(f"baseline blurry (the input itself) is for deblurring, but the test set is ×{bench.scale}; "
                          f"use bicubic there")
