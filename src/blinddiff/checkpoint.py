@@ -110,7 +110,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             problem = "its header does not describe tensors (no data_offsets)"
     if problem is not None:
         raise ValueError(f"{path} is not a readable safetensors file ({problem}): it is truncated, damaged or of "
-                         f"another format; use the original weights file")
+                         f"another format; replace it with an intact copy")
     return header
 
 
