@@ -97,12 +97,13 @@ def test_evaluate_known_values(bench: Path, tmp_path: Path, capsys: pytest.Captu
     table = capsys.readouterr().out
     lpips = ["lpips_vgg"] if LPIPS_INSTALLED else []
     assert f"| sr | 4 | inf | 1.0000 | {'0.0000 | ' * len(lpips)}0.0000 | inf |" in table
-    result = json.loads((tmp_path / "r.json").read_text())
+    assert "r.json: " in table and "value(s) that are not finite numbers are null" in table
+    result = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda constant: pytest.fail(constant))
     assert result["metrics"] == ["psnr", "ssim", *lpips, "kernel_l1", "lr_psnr"] and result["luma"] == "studio"
     assert [row["name"] for row in result["cases"]] == [c["name"] for c in cases(bench)]
     for row in result["cases"]:
-        assert row["psnr"] == math.inf and row["ssim"] == pytest.approx(1.0, abs=1e-12)
-        assert row["kernel_l1"] == 0.0 and row["lr_psnr"] == math.inf
+        assert row["psnr"] is None and row["ssim"] == pytest.approx(1.0, abs=1e-12)  # inf: JSON has none
+        assert row["kernel_l1"] == 0.0 and row["lr_psnr"] is None
         assert row.get("lpips_vgg", 0.0) == pytest.approx(0.0, abs=1e-6)
     csv_lines = (tmp_path / "r.csv").read_text().splitlines()
     assert csv_lines[0].startswith(",".join(["name,image,group,psnr,ssim", *lpips, "kernel_l1,lr_psnr"]))
@@ -352,6 +353,18 @@ def test_benchmark_argument_errors(bench: Path, weights: Path, tmp_path: Path) -
     with pytest.raises(ValueError, match="×4 but the test set .* ×2"):
         run_cli("benchmark", "--benchmark", str(tmp_path / "x2"), "--weights", str(weights), "--out",
                 str(tmp_path / "r2"), "--device", "cpu")
+
+
+def test_gt_kernel_baseline_only_where_the_options_use_a_kernel(bench: Path, weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    base = ["benchmark", "--benchmark", str(bench), "--weights", str(weights), "--out", str(out), "--device", "cpu",
+            "--no-progress", "--limit", "1", "--trajectory-cases", "0", "--report-cases", "0", "--metrics", "psnr"]
+    for options in (["--mode", "fidelity"], ["--guidance", "bicubic"], ["--zeta", "0"]):  # the row would equal ours
+        with pytest.raises(ValueError, match="gt-kernel would equal blinddiff.*--baselines bicubic"):
+            run_cli(*base, *options, "--baselines", "bicubic,gt-kernel")
+        assert not out.exists()  # refused before any work
+    assert run_cli(*base, "--mode", "fidelity") == 0  # by default it is left out there
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"blinddiff", "bicubic"}
 
 
 @pytest.mark.slow

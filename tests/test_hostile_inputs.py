@@ -49,6 +49,14 @@ def crafted_png(width: int, height: int, idat: bytes, depth: int = 8) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
+def strict_json(text: str) -> object:
+    """JSON as other readers take it: a bare NaN or Infinity (which Python writes and reads) is an error."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 @pytest.fixture(scope="module")
 def model(weights: Path) -> BlindDiff:
     return BlindDiff.from_pretrained(weights, device="cpu")
@@ -151,6 +159,18 @@ def test_train_validates_before_writing_the_run_folder(hr_folder: Path, tmp_path
     assert main([*base, "--out", str(other)]) == 2
     assert snapshot(other) == before
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_train_checks_the_data_before_writing_the_run_folder(hr_folder: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    (tmp_path / "empty").mkdir()
+    base = ["train", "--config", "tiny", "--out", str(run), "--no-progress", "--set", "train.steps=1"]
+    for root in (tmp_path / "missing", tmp_path / "empty"):
+        assert main([*base, "--set", f"data.root={root}"]) == 2
+        assert str(root) in capsys.readouterr().err
+        assert not run.exists()
+    assert main([*base, "--set", f"data.root={hr_folder}"]) == 0  # the corrected command is not "another run's"
+    assert (run / "weights.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- 5: paths from manifests and options stay inside
@@ -302,6 +322,8 @@ def test_training_with_a_diverging_loss_stops(hr_folder: Path, tmp_path: Path, c
                  "--set", "train.lr=1e9", "--set", "train.steps=30", "--set", "train.checkpoint_every=100"]) == 1
     assert "not finite" in capsys.readouterr().err
     assert not (run / "weights.safetensors").exists()
+    log = [strict_json(line) for line in (run / "log.jsonl").read_text().splitlines()]  # no bare NaN in the log
+    assert any(record.get("skipped_loss", 0.0) is None for record in log)
 
 
 @pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.lr=-1", "train.warmup_steps=-5",
@@ -338,6 +360,29 @@ def test_benchmark_resume_refuses_a_test_set_rebuilt_with_other_content(hr_folde
     Image.fromarray(255 - np.asarray(Image.open(lr))).save(lr)
     with pytest.raises(ValueError, match="cases_sha256"):
         run()
+
+
+def test_benchmark_resume_scores_a_nan_record_again(hr_folder: Path, tmp_path: Path, weights: Path) -> None:
+    from blinddiff.evaluation import BenchmarkSettings, run_benchmark
+    from blinddiff.inference import SampleOptions
+    from blinddiff.metrics import build_metric_suite
+
+    assert main(["make-benchmark", "--hr", str(hr_folder), "--out", str(tmp_path / "set"), "--protocol", "iso:1"]) == 0
+    settings = BenchmarkSettings(baselines=(), limit=1, trajectory_cases=0, report_cases=0)
+
+    def run() -> dict:
+        run_benchmark(tmp_path / "set", weights, tmp_path / "run", options=SampleOptions(steps=1), settings=settings,
+                      suite=build_metric_suite(["psnr", "ssim"]), device="cpu", log=lambda message: None)
+        return strict_json((tmp_path / "run" / "results.json").read_text())["methods"]["blinddiff"]["cases"][0]
+
+    first = run()
+    record_path = next((tmp_path / "run" / "blinddiff" / "records").iterdir())
+    record = json.loads(record_path.read_text())
+    record["metrics"]["psnr"], record["seconds"] = math.nan, math.inf
+    record_path.write_text(json.dumps(record))  # as Python writes it: a bare NaN and Infinity
+    again = run()
+    assert again["psnr"] == first["psnr"] and math.isfinite(again["psnr"]) and again["ssim"] == first["ssim"]
+    assert strict_json(record_path.read_text())["metrics"]["psnr"] == first["psnr"]
 
 
 # ---------------------------------------------------------------- 12: kernel sizes
@@ -428,6 +473,17 @@ def test_truncated_mat_file_is_a_one_line_error(tmp_path: Path) -> None:
         load_kernel(tmp_path / "k.mat")
 
 
+def test_a_kernel_whose_sum_overflows_is_named_so(hr_folder: Path, tmp_path: Path, capsys) -> None:
+    import warnings
+
+    np.save(tmp_path / "k.npy", np.full((5, 5), 1e308))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reason is the message, not a numpy overflow warning
+        assert main(["degrade", str(hr_folder), "--out", str(tmp_path / "out"), "--kernel", str(tmp_path / "k.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "k.npy" in err and "overflow" in err and "sums to 0" not in err
+
+
 def rewrite_metadata(source: Path, target: Path, config_text: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -448,6 +504,29 @@ def test_weights_with_bad_metadata_are_named(weights: Path, tmp_path: Path, conf
     rewrite_metadata(weights, tmp_path / "bad.safetensors", config_text)
     with pytest.raises(ValueError, match="bad.safetensors"):
         BlindDiff.from_pretrained(tmp_path / "bad.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("damage, message", [("3 GiB", "GiB"), ("truncated", "file holds"),
+                                             ("size field", "header size field"), ("padded", "file holds")])
+def test_weights_are_checked_by_their_header_before_any_tensor_is_read(weights: Path, tmp_path: Path,
+                                                                       monkeypatch, damage: str, message: str) -> None:
+    path = tmp_path / "w.safetensors"
+    data = weights.read_bytes()
+    if damage == "3 GiB":
+        with open(path, "wb") as handle:
+            handle.truncate(3 * 2**30)  # sparse: no disk used
+    else:
+        path.write_bytes({"truncated": data[: len(data) - 100], "size field": b"\xff" * 8 + data[8:],
+                          "padded": data + b"\0" * 100}[damage])
+
+    def read_whole(self: Path) -> bytes:
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", read_whole)
+    with pytest.raises(ValueError, match=message) as error:
+        BlindDiff.from_pretrained(path, device="cpu")
+    assert str(path) in str(error.value)
+    assert BlindDiff.from_pretrained(weights, device="cpu").scale == 4  # intact weights still load, not read whole
 
 
 class Boom:
@@ -529,6 +608,27 @@ def test_evaluate_with_a_wrong_niqe_file_is_one_line(tmp_path: Path, capsys) -> 
     assert main(["evaluate", "--benchmark", str(tmp_path / "set"), "--sr", str(tmp_path / "sr"), "--metrics", "niqe",
                  "--niqe-params", str(tmp_path / "x.npy")]) == 2
     assert "x.npy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("estimate, message", [(np.ones((5, 5)), "sums to 25"), (-np.eye(5) / 5 + 0.08, "negative"),
+                                               (np.full((5, 5), np.inf), "non-finite")])
+def test_evaluate_scores_only_estimates_that_are_kernels(tmp_path: Path, capsys, estimate: np.ndarray,
+                                                         message: str) -> None:
+    save(tmp_path / "set" / "HR" / "a.png", 48, 48)
+    save(tmp_path / "set" / "LR" / "a.png")
+    np.save(tmp_path / "set" / "a.npy", np.ones((3, 3)) / 9)
+    write_manifest(tmp_path / "set", [{"name": "a", "hr": "HR/a.png", "lr": "LR/a.png", "kernel": "a.npy"}])
+    save(tmp_path / "sr" / "a.png", 48, 48, "coffee")
+    args = ["evaluate", "--benchmark", str(tmp_path / "set"), "--sr", str(tmp_path / "sr"), "--metrics",
+            "psnr,kernel_l1"]
+    np.save(tmp_path / "sr" / "a_kernel.npy", estimate)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "a_kernel.npy" in err and message in err
+    assert json.loads((tmp_path / "sr" / "metrics.json").read_text())["cases"] == []
+    np.save(tmp_path / "sr" / "a_kernel.npy", np.ones((5, 5), np.float32) / 25)  # float32 rounding is fine
+    assert main(args) == 0
+    assert json.loads((tmp_path / "sr" / "metrics.json").read_text())["cases"][0]["kernel_l1"] > 0
 
 
 # ---------------------------------------------------------------- 18: global options checked once, up front

@@ -64,6 +64,10 @@ def test_non_blind_mode_returns_the_given_kernel(model: BlindDiff) -> None:
     given[5, 5] = 1
     _, kernel = model.upscale(sample_rgb(12, 12), steps=2, kernel=given)
     assert np.allclose(kernel, given)
+    blind, _ = model.upscale(sample_rgb(12, 12), steps=2)
+    assert not np.array_equal(model.upscale(sample_rgb(12, 12), steps=2, kernel=given)[0], blind)  # the kernel is used
+    with pytest.raises(ValueError, match="changes nothing"):  # fidelity mode has no data term to take it
+        model.upscale(sample_rgb(12, 12), mode="fidelity", kernel=given)
 
 
 def make_inputs(folder: Path) -> None:

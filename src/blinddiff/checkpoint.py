@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from .config import Config, config_from_dict, config_to_dict
@@ -49,14 +49,11 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
         tensors, cfg, metadata, _ = load_sharded(path)
         return tensors, cfg, metadata
     try:
-        tensors = load_safetensors_bytes(path.read_bytes())
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
-    except (SafetensorError, ValueError, OSError) as err:
+        header = safetensors_header(path)
+    except OSError as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT or "config" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path} has no blinddiff config in its metadata; it was not written by blinddiff")
     try:
         config = json.loads(meta["config"])
@@ -64,10 +61,57 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
         if not isinstance(config, dict):
             raise ValueError(f"the config is a {type(config).__name__}, not a mapping of settings")
         cfg = config_from_dict(config)
-    except ValueError as err:  # JSONDecodeError is a ValueError too
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError; a value that is not text: TypeError
         raise ValueError(f"{path}: its metadata hold no usable blinddiff config ({err}); the file is damaged or "
                          f"was not written by blinddiff") from None
+    try:
+        tensors = load_safetensors_file(path)  # only now that the header is checked; no whole-file read
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     return tensors, cfg, extra
+
+
+MAX_WEIGHTS_BYTES = 2 * 2**30  # 10× the paper's network (26.5 M parameters) with its EMA in fp32
+MAX_HEADER_BYTES = 100 * 2**20  # the limit of the safetensors library itself
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size before any tensor is read.
+
+    A file larger than `MAX_WEIGHTS_BYTES`, a header size field past the file or the header limit, a
+    header that is not a JSON mapping, or tensors that do not end exactly where the file ends (truncated,
+    padded) raise ValueError naming the file.
+    """
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise ValueError(f"{path} is {size / 2**30:.1f} GiB, more than the {MAX_WEIGHTS_BYTES / 2**30:.0f} GiB any "
+                         f"blinddiff weights file needs (the paper's network with its EMA: 0.2 GiB); it is not "
+                         f"blinddiff weights: pass the weights.safetensors a training run wrote")
+    problem = None
+    with open(path, "rb") as handle:
+        field = handle.read(8)
+        header_size = int.from_bytes(field, "little")
+        if len(field) < 8 or not 2 <= header_size <= min(size - 8, MAX_HEADER_BYTES):
+            problem = f"its header size field says {header_size:,} bytes in a file of {size:,} bytes"
+        else:
+            try:
+                header = json.loads(handle.read(header_size))
+            except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                problem = f"its header is not JSON ({err})"
+    if problem is None and not isinstance(header, dict):
+        problem = f"its header is a JSON {type(header).__name__}, not a mapping of tensors"
+    if problem is None:
+        try:
+            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+            if 8 + header_size + end != size:
+                problem = f"its header describes {8 + header_size + end:,} bytes but the file holds {size:,}"
+        except (TypeError, KeyError, IndexError, ValueError):
+            problem = "its header does not describe tensors (no data_offsets)"
+    if problem is not None:
+        raise ValueError(f"{path} is not a readable safetensors file ({problem}): it is truncated, damaged or of "
+                         f"another format; replace it with an intact copy")
+    return header
 
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -236,7 +280,9 @@ def load_sharded(index: str | Path) -> tuple[dict[str, torch.Tensor], Config, di
         for name in sorted(set(record["weight_map"].values())):
             if Path(name).name != name:
                 raise ValueError(f"shard name {name!r} is not a plain file name")
-            tensors.update(load_safetensors_bytes((index.parent / name).read_bytes()))
+            shard = index.parent / name
+            safetensors_header(shard)
+            tensors.update(load_safetensors_file(shard))
         if set(tensors) != set(record["weight_map"]):
             raise ValueError("the shards do not hold the tensors the index names")
         state_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("state.")]}

@@ -223,7 +223,8 @@ def metric_suite_from(args: argparse.Namespace, device: Any) -> MetricSuite:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_results, group_summaries, markdown_table, row_columns, summarize_set, write_csv
+    from .evaluation import evaluate_results, group_summaries, markdown_table, null_note, row_columns, summarize_set, \
+        write_csv
     from .fileio import check_name_part, write_json
     from .hardware import distributed
     from .testsets import load_benchmark
@@ -242,7 +243,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         summary = summarize_set(rows, suite.names, suite, bench, [sr_dir / row["file"] for row in rows])
         json_path = Path(args.json) if args.json else sr_dir / "metrics.json"
         csv_path = Path(args.csv) if args.csv else sr_dir / "metrics.csv"
-        write_json(json_path, {"benchmark": str(bench.root), "sr": str(sr_dir), "suffix": args.suffix,
+        nulls = write_json(json_path, {"benchmark": str(bench.root), "sr": str(sr_dir), "suffix": args.suffix,
                                "metrics": list(suite.names), "luma": suite.luma, "mean": summary,
                                "groups": group_summaries(rows, suite.names), "cases": rows, "problems": problems})
         write_csv(csv_path, rows, row_columns(rows, suite.names) + ["file"])
@@ -251,6 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print()
             print(markdown_table(group_summaries(rows, suite.names), suite.names, first="kernel"), end="")
         print(f"{len(rows)} of {len(bench.cases)} case(s) scored; per-image results: {json_path}, {csv_path}")
+        if nulls:
+            print(null_note(str(json_path), nulls))
         return report(problems, args, processed=len(rows))
 
 
@@ -271,11 +274,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .evaluation import BenchmarkSettings, run_benchmark
+    from .evaluation import BenchmarkSettings, default_baselines, run_benchmark
 
     options = sample_options_from(args)
-    baselines = () if args.baselines.strip() in ("", "none") else \
-        tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    if args.baselines is None:
+        baselines = default_baselines(options)
+    else:
+        baselines = () if args.baselines.strip() in ("", "none") else \
+            tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     settings = BenchmarkSettings(seed=args.seed, batch_size=args.batch_size, baselines=baselines, limit=args.limit,
                                  trajectory_cases=args.trajectory_cases, trajectory_steps=args.trajectory_steps,
                                  steps_sweep=args.steps_sweep, sweep_cases=args.sweep_cases,
@@ -450,9 +456,11 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--benchmark", required=True, help="test-set folder (holds manifest.json)")
     parser.add_argument("--out", required=True, help="run folder (re-running it resumes)")
-    parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help=f"some of {','.join(ALL_BASELINES)}, or none (the peers need `make peers` and ×4; "
-                             "blurry, rl-* and wiener-* are for scale 1; *-est reuse blinddiff's kernels of the run)")
+    parser.add_argument("--baselines", default=None,
+                        help=f"some of {','.join(ALL_BASELINES)}, or none (default {','.join(BASELINES)}, without "
+                             "gt-kernel where the options use no kernel, as --mode fidelity; the peers need "
+                             "`make peers` and ×4; blurry, rl-* and wiener-* are for scale 1; *-est reuse "
+                             "blinddiff's kernels of the run)")
     parser.add_argument("--limit", type=int, default=None,
                         help="only N cases, spread evenly over the set (a stated subset of a large set)")
     parser.add_argument("--trajectory-cases", type=int, default=2, help="images traced along the reverse process")

@@ -45,6 +45,7 @@ import torch
 from .fileio import IMAGE_EXTENSIONS, ImageError, atomic_write, image_size, kernel_picture, read_rgb, tensor_to_rgb, \
     write_json, write_png, write_result
 from .hardware import Runtime, distributed, gather, shard
+from .kernels import validate_kernel
 from .metrics import ALL_METRICS, KERNEL_METRICS, LUMA_METRICS, MetricSuite, build_metric_suite, kernel_l1, psnr, \
     set_fid
 from .peers import DECONVOLUTION, PEERS, check_deconvolution, check_peers, deconvolution_producers, peer_producers
@@ -54,13 +55,19 @@ if TYPE_CHECKING:
     from .inference import BlindDiff, SampleOptions
 
 __all__ = [
-    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "case_pictures", "evaluate_results",
+    "ALL_BASELINES", "BASELINES", "METHOD", "BenchmarkOutcome", "BenchmarkSettings", "case_pictures",
+    "default_baselines", "evaluate_results",
     "line_plot",
-    "markdown_table", "run_benchmark", "save_figure", "scatter_plot", "summarize",
+    "markdown_table", "null_note", "run_benchmark", "save_figure", "scatter_plot", "summarize",
 ]
 
 METHOD = "blinddiff"  # the blind MAP reverse process (ours)
 BASELINES = ("bicubic", "gt-kernel")  # the default; the peers (blinddiff.peers) need `make peers`
+
+
+def default_baselines(options: SampleOptions) -> tuple[str, ...]:
+    """`BASELINES`, without gt-kernel where the options do not use a kernel (it would equal the method)."""
+    return BASELINES if options.uses_kernel else tuple(b for b in BASELINES if b != "gt-kernel")
 ALL_BASELINES = BASELINES + ("blurry",) + DECONVOLUTION + PEERS  # blurry and deconvolution: scale 1 only
 
 _LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_vgg": "LPIPS-VGG ↓", "lpips_alex": "LPIPS-Alex ↓",
@@ -107,8 +114,7 @@ def _score_file(bench: BenchmarkSet, case: dict, sr_path: Path, kernel_path: Pat
             kernel = np.load(kernel_path, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise ImageError(f"{kernel_path}: not a readable .npy kernel ({err})") from None
-        if kernel.ndim != 2 or not np.isfinite(kernel).all():
-            raise ImageError(f"{kernel_path}: expected a finite [k, k] kernel, got shape {kernel.shape}")
+        validate_kernel(kernel, f"estimated kernel {kernel_path}", normalised=True)  # scored as saved
     return suite.score(sr, hr, scale=bench.scale, downsample=bench.downsample, kernel=kernel,
                        gt_kernel=bench.gt_kernel(case) if kernel is not None else None, names=names)
 
@@ -207,6 +213,12 @@ def _format(name: str, value: float | None) -> str:
     if math.isinf(value) or math.isnan(value):
         return str(value)
     return format(value, _FORMATS.get(name, ".4f"))
+
+
+def null_note(name: str, nulls: int) -> str:
+    """The line that says a JSON file holds null where a value was not a finite number (`fileio.write_json`)."""
+    return (f"{name}: {nulls} value(s) that are not finite numbers are null there (JSON has no inf or NaN; "
+            f"an inf PSNR means identical images); the tables show them as inf/nan")
 
 
 def markdown_table(summaries: dict[str, dict[str, float]], metrics: Sequence[str], *, first: str = "method") -> str:
@@ -350,7 +362,13 @@ def _spread(items: Sequence[Any], count: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _read_record(path: Path) -> dict | None:
+    """A finished case's record, without the values that are not finite numbers (NaN, inf, null, text):
+    those metrics count as missing and are scored again from the case's files."""
     if not path.is_file():
         return None
     try:
@@ -361,6 +379,9 @@ def _read_record(path: Path) -> dict | None:
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) \
             or not all((folder / f).is_file() for f in record.get("files", [None])):
         return None
+    record["metrics"] = {k: v for k, v in record["metrics"].items() if _is_finite_number(v)}
+    if not _is_finite_number(record.get("seconds", 0.0)):
+        del record["seconds"]
     return record
 
 
@@ -618,6 +639,12 @@ def run_benchmark(benchmark: str | os.PathLike, weights: str | os.PathLike, out:
             raise ValueError(f"baselines {','.join(needs_truth)} need the true kernel, which the real pairs of "
                              f"{bench.root} do not have; leave them out (e.g. --baselines bicubic,realesrgan)")
         settings = replace(settings, trajectory_cases=0)  # the traces score k̂_t against the true kernel
+    if "gt-kernel" in settings.baselines and not options.uses_kernel:
+        reason = (f"--zeta {options.zeta:g} turns that off (as --mode fidelity does)" if not options.zeta > 0
+                  else f"--guidance {options.guidance} has none")
+        raise ValueError(f"baseline gt-kernel would equal {METHOD}: the true kernel enters only the kernel-aware "
+                         f"data term, and {reason}; leave gt-kernel out (--baselines bicubic) or pass --zeta > 0 "
+                         f"with --guidance noise-aware or kernel-aware")
     if "blurry" in settings.baselines and bench.scale != 1:
         raise ValueError(f"baseline blurry (the input itself) is for deblurring, but the test set is ×{bench.scale}; "
                          f"use bicubic there")
@@ -715,8 +742,6 @@ def _write_outputs(out: Path, bench: BenchmarkSet, cases: list[dict], method_row
     markdown = (f"# Benchmark {bench.root.name} (×{bench.scale}, {bench.manifest.get('protocol', '?')}), "
                 f"{len(cases)} case(s), {options.steps} steps, {_LUMA_TEXT[suite.luma]}\n\n{table}\n## By kernel\n\n"
                 f"{markdown_table(by_kernel, metrics, first='kernel · method')}")
-    with atomic_write(out / "results.md", "w") as handle:
-        handle.write(markdown)
     all_rows = [{"method": method, **row} for method, rows in method_rows.items() for row in rows]
     write_csv(out / "results.csv", all_rows, row_columns(all_rows, metrics, lead=("method",)))
     results = {"benchmark": str(bench.root), "protocol": bench.manifest.get("protocol"), "scale": bench.scale,
@@ -725,7 +750,13 @@ def _write_outputs(out: Path, bench: BenchmarkSet, cases: list[dict], method_row
                "methods": {m: {"mean": summaries[m], "groups": groups[m], "cases": method_rows[m]}
                            for m in method_rows},
                "trajectory": traces, "steps_sweep": sweep, "problems": problems}
-    write_json(out / "results.json", results)
+    nulls = write_json(out / "results.json", results)
+    if nulls:
+        note = null_note("results.json", nulls)
+        markdown += f"\n{note}\n"
+        log(note)
+    with atomic_write(out / "results.md", "w") as handle:
+        handle.write(markdown)
     plots = _write_plots(out, traces, sweep, summaries, suite.luma)
     _write_report(out, bench, method_rows, summaries, table, plots, settings, options, suite.luma)
     log(table.rstrip())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -107,11 +108,28 @@ def remove_temporaries(folder: str | os.PathLike) -> None:
                 path.unlink()
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented, key-sorted JSON (byte-stable for equal data), atomically."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+def finite_or_null(data: Any) -> tuple[Any, int]:
+    """`data` with every non-finite float (NaN, ±inf) replaced by None, and how many were: JSON has no
+    such numbers (Python writes a bare ``NaN`` or ``Infinity`` that other JSON readers refuse)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None, 1
+    if isinstance(data, dict):
+        items = [(key, *finite_or_null(value)) for key, value in data.items()]
+        return {key: value for key, value, _ in items}, sum(n for _, _, n in items)
+    if isinstance(data, (list, tuple)):
+        items = [finite_or_null(value) for value in data]
+        return [value for value, _ in items], sum(n for _, n in items)
+    return data, 0
+
+
+def write_json(path: str | os.PathLike, data: Any) -> int:
+    """Write `data` as indented, key-sorted JSON (byte-stable for equal data), atomically; non-finite
+    floats are written as null (`finite_or_null`), and their number is returned for the caller to say."""
+    data, nulls = finite_or_null(data)
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
     with atomic_write(path, "w") as handle:
         handle.write(text)
+    return nulls
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -30,8 +30,8 @@ from .fileio import ResultBuffer, to_tensor
 from .hardware import autocast, pick_device, resolve_precision
 from .kernels import validate_kernel
 from .model import MCFormer
-from .sampling import PositionalNoise, check_options, check_tile, data_term, known_kernel, noise_weights, \
-    sample_windows, sampling_chain
+from .sampling import KERNEL_GUIDANCE, PositionalNoise, check_options, check_tile, data_term, known_kernel, \
+    noise_weights, sample_windows, sampling_chain
 
 DEFAULT_WEIGHTS = "fast-x4"
 DEFAULT_DEBLUR_WEIGHTS = "deblur-motion"  # `blinddiff deblur` (scale 1, BlindDPS motion blur)
@@ -89,6 +89,13 @@ class SampleOptions:
             if unknown:
                 raise ValueError(f"unknown {source} {', '.join(unknown)}; valid: {', '.join(f.name for f in fields(cls))}")
         return replace(cls(**MODES[mode]), **{**tuned, **overrides})
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether a given kernel can change the result: the network never takes one, so it enters only
+        through a kernel-aware data term (noise-aware or kernel-aware) with ζ > 0 (paper Algorithm 2).
+        The fidelity mode (ζ 0) does not use it."""
+        return self.zeta > 0 and self.guidance in KERNEL_GUIDANCE
 
 
 MODES: dict[str, dict[str, Any]] = {
@@ -244,6 +251,10 @@ class BlindDiff:
         if len(seeds) != lr.shape[0]:
             raise ValueError(f"{lr.shape[0]} images but {len(seeds)} seeds; give one seed per image")
         self.check_options(options, seeds)
+        if kernel is not None and not options.uses_kernel:
+            raise ValueError(f"a given kernel changes nothing with zeta={options.zeta:g} and guidance "
+                             f"{options.guidance!r}: it enters only the kernel-aware data term; use mode "
+                             f"'perceptual' (or zeta > 0 with guidance {' or '.join(map(repr, KERNEL_GUIDANCE))})")
         check_lr_size(lr.shape[-2], lr.shape[-1], self.scale)
         chain = sampling_chain(self.cfg.diffusion, options.steps)
         lr = lr.to(self.device)

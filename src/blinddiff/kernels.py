@@ -40,6 +40,7 @@ __all__ = [
     "sample_isotropic",
     "sample_real_kernels",
     "sample_training_kernels",
+    "validate_kernel",
 ]
 
 GAUSSIAN8_SIGMAS: tuple[float, ...] = (1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2)
@@ -515,12 +516,21 @@ def motion_blur(
 # --------------------------------------------------------------------------------------------------
 
 
-def validate_kernel(array: np.ndarray, what: str = "kernel", *, square: bool = False) -> Tensor:
+KERNEL_SUM_TOLERANCE = 1e-3
+"""How far from 1 the sum of a kernel scored as an estimate may be (float32 rounding is about 1e-6)."""
+
+
+def validate_kernel(array: np.ndarray, what: str = "kernel", *, square: bool = False,
+                    normalised: bool = False) -> Tensor:
     """Check one blur kernel (``what`` names it in errors, e.g. "kernel file k.npy") → float32 summing to 1.
 
-    A kernel is a 2-D array of finite, non-negative taps with a positive sum (an un-normalised one is
-    normalised); ``square`` also asks for k×k, as applying a kernel to an image does.
+    A kernel is a 2-D array of finite, non-negative taps with a positive, finite sum (an un-normalised
+    one is normalised); ``square`` also asks for k×k, as applying a kernel to an image does;
+    ``normalised`` refuses a sum farther than `KERNEL_SUM_TOLERANCE` from 1 instead of normalising it,
+    as scoring an estimated kernel needs (an estimate that does not sum to 1 is not yet a kernel).
     """
+    if not _is_numeric(array):
+        raise ValueError(f"{what} holds non-numeric data of type {array.dtype}")
     if array.ndim != 2:
         raise ValueError(f"{what} holds an array of shape {array.shape}; a kernel must be 2-D [k, k]")
     if array.size == 0:
@@ -531,7 +541,11 @@ def validate_kernel(array: np.ndarray, what: str = "kernel", *, square: bool = F
     a = np.asarray(array, dtype=np.float64)
     if not np.isfinite(a).all():
         raise ValueError(f"{what} has non-finite values (NaN or inf); a kernel must have finite taps")
-    total = a.sum()
+    with np.errstate(over="ignore"):  # taps near the float64 limit: said below, not as a numpy warning
+        total = a.sum()
+    if not np.isfinite(total):
+        raise ValueError(f"{what} has taps up to {a.max():.3g} whose sum overflows float64; a blur kernel's "
+                         "taps sum to about 1: rescale it")
     if total <= 0:
         raise ValueError(
             f"{what} sums to {total:.3g}; a blur kernel must be non-negative with a positive sum"
@@ -540,6 +554,9 @@ def validate_kernel(array: np.ndarray, what: str = "kernel", *, square: bool = F
         raise ValueError(
             f"{what} has negative taps (min {a.min():.3g}); a blur kernel must be non-negative"
         )
+    if normalised and abs(total - 1) > KERNEL_SUM_TOLERANCE:
+        raise ValueError(f"{what} sums to {total:.4g}, not 1 (±{KERNEL_SUM_TOLERANCE:g}); a kernel estimate "
+                         "is scored only when normalised: save it divided by its sum")
     a = np.clip(a, 0, None)
     return torch.from_numpy(a / a.sum()).float()
 
@@ -657,8 +674,6 @@ def load_kernels(path: str | os.PathLike) -> list[Tensor]:
     kernels = []
     for i, a in enumerate(arrays):
         name = str(path) if len(arrays) == 1 else f"{path} (kernel {i})"
-        if not _is_numeric(np.asarray(a)):
-            raise ValueError(f"kernel file {name} holds non-numeric data of type {np.asarray(a).dtype}")
         kernels.append(validate_kernel(np.asarray(a), f"kernel file {name}"))
     return kernels
 

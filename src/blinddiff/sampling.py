@@ -39,12 +39,13 @@ from .degradation import DOWNSAMPLE_MODES, blur, check_scale, downsample as _dow
 from .diffusion import DiffusionConfig, GaussianDiffusion, space_timesteps
 
 __all__ = [
-    "GRADIENTS", "GUIDANCE", "NOISE_FLOOR", "SAMPLERS", "PositionalNoise", "StepInfo", "Window", "bicubic_energy",
-    "data_term", "kernel_aware_energy", "known_kernel", "noise_aware_energy", "noise_weights", "sample",
-    "sample_windows", "sampling_chain", "window_grid",
+    "GRADIENTS", "GUIDANCE", "KERNEL_GUIDANCE", "NOISE_FLOOR", "SAMPLERS", "PositionalNoise", "StepInfo", "Window",
+    "bicubic_energy", "data_term", "kernel_aware_energy", "known_kernel", "noise_aware_energy", "noise_weights",
+    "sample", "sample_windows", "sampling_chain", "window_grid",
 ]
 
 GUIDANCE = ("noise-aware", "kernel-aware", "bicubic", "none")  # the data terms by name (`data_term`)
+KERNEL_GUIDANCE = ("noise-aware", "kernel-aware")  # the data terms that use the kernel (bicubic: a fixed one)
 NOISE_FLOOR = 2.0  # σ̂ (0–255) up to which the noise-aware data term keeps the weight ζ was tuned at
 GRADIENTS = ("xt", "x0")
 SAMPLERS = ("ddpm", "ddim")

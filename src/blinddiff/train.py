@@ -30,7 +30,7 @@ from .checkpoint import check_state_fits, checkpoint_index, complete_checkpoints
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
-from .fileio import remove_temporaries
+from .fileio import finite_or_null, remove_temporaries
 from .hardware import autocast, resolve_precision, setup_runtime
 from .kernels import fit_kernel_pca
 from .model import MCFormer
@@ -139,7 +139,7 @@ class Logger:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_or_null(record)[0], allow_nan=False) + "\n")  # a NaN loss: null
         if self.board is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -242,15 +242,6 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         loss_avg, skipped = state["loss_avg"], state["skipped"]
     elif resume and runtime.main:
         print(f"no checkpoint in {ckpt_dir}: starting from step 0", flush=True)
-    if runtime.main:  # only now that the config has built the network and read the checkpoint
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(run / "config.yaml", cfg)
-
-    wrapped: nn.Module = model
-    if runtime.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(wrapped) if tc.compile else wrapped
-
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     perceptual = None
     if cfg.diffusion.perceptual_loss_weight > 0:  # frozen LPIPS (the installed weights), a loss on x̂0
@@ -260,6 +251,15 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     degradation = TrainingDegradation.from_config(cfg.data)
     dataset = HRPatches(cfg.data.root, cfg.data.crop, skip_bad=cfg.data.skip_bad, cache=cfg.data.cache,
                         seed=tc.seed)
+    if runtime.main:  # only now that the network, the checkpoint, the loss weights and the data are checked
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(run / "config.yaml", cfg)
+
+    wrapped: nn.Module = model
+    if runtime.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(wrapped) if tc.compile else wrapped
+
     batches = StepBatches(len(dataset), tc.batch_size, tc.seed, runtime.rank, runtime.world, start)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.workers,
                         persistent_workers=cfg.data.workers > 0, pin_memory=device.type == "cuda")
