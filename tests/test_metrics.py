@@ -45,7 +45,7 @@ from blinddiff.metrics import (
     rgb_to_y,
     ssim,
 )
-from conftest import metric_weights_installed, sample_rgb
+from conftest import metric_weights_installed, natural_luma, niqe_window, sample_rgb, write_niqe_params
 
 # --------------------------------------------------------------------------------------------
 # Independent references
@@ -254,13 +254,6 @@ def test_image_argument_errors():
 # --------------------------------------------------------------------------------------------
 
 
-def niqe_window() -> np.ndarray:
-    x = np.arange(7) - 3.0
-    g = np.exp(-x**2 / (2 * (7 / 6) ** 2))
-    w = np.outer(g, g)
-    return w / w.sum()
-
-
 def aggd_reference(values: np.ndarray) -> tuple[float, float, float]:
     values = values.ravel().astype(np.float64)
     alphas = np.arange(0.2, 10.001, 0.001)
@@ -299,24 +292,6 @@ def niqe_features_reference(luma: np.ndarray, window: np.ndarray, block: int, ha
         per_scale.append(np.array(feats))
         image = half(image.astype(np.float64)).astype(np.float32)
     return np.concatenate(per_scale, axis=1)
-
-
-def natural_luma(size: int, which: str, top: int = 0, left: int = 0) -> torch.Tensor:
-    rgb = sample_rgb(top + size, left + size, which)[top:, left:]
-    y = rgb_to_y(torch.from_numpy(rgb).permute(2, 0, 1).double(), data_range=255.0)[0]
-    return torch.round(y)
-
-
-def write_niqe_params(path: Path, block: int) -> Path:
-    """Pristine model fitted to blocks of natural sample pictures (format of BasicSR's file)."""
-    window = niqe_window()
-    feats = torch.cat([niqe_features(natural_luma(128, which, top, left), window, block_size=block)
-                       for which in ("astronaut", "coffee", "chelsea")
-                       for top, left in ((0, 0), (150, 150))]).numpy()
-    feats = feats[~np.isnan(feats).any(axis=1)]
-    np.savez(path, mu_pris_param=feats.mean(0)[None], cov_pris_param=np.cov(feats, rowvar=False),
-             gaussian_window=window)
-    return path
 
 
 def test_niqe_features_match_reference():
