@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 LPIPS_INSTALLED = metric_weights_installed("vgg")  # by `make metric-weights`; then LPIPS-VGG is a default metric
+needs_lpips_vgg = pytest.mark.skipif(not LPIPS_INSTALLED,
+                                     reason="LPIPS-VGG weights not installed; run `make metric-weights`")
 needs_metric_weights = pytest.mark.skipif(not metric_weights_installed("vgg", "alex", "dists"),
                                           reason="LPIPS/DISTS weights not installed; run `make metric-weights`")
 BENCH_ARGS = ["--steps", "2", "--steps-sweep", "1,2", "--trajectory-steps", "3", "--no-progress", "--device", "cpu"]
@@ -230,16 +232,24 @@ def test_benchmark_writes_results_and_a_self_contained_report(run_folder: Path, 
     links = Links()
     links.feed((run_folder / "report.html").read_text())
     images = [t for t in links.targets if t.endswith(".png")]
-    # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; plots: 2 traces, 2 or 3 vs steps, perception–distortion
-    assert len(images) >= 4 * 7 + 4 + 2 * LPIPS_INSTALLED
-    if LPIPS_INSTALLED:
-        assert "plots/perception_distortion.png" in images and "plots/steps_lpips_vgg.png" in images
-        assert all("lpips_vgg" in data["mean"] for data in results["methods"].values())
+    # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; plots: 2 traces, PSNR and SSIM vs steps
+    assert len(images) >= 4 * 7 + 4
     for target in links.targets:
         assert "://" not in target and not target.startswith("/") and ".." not in target
         assert (run_folder / target).is_file(), target
     with Image.open(run_folder / "plots" / "trajectory_psnr_x0.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 200
+
+
+@needs_lpips_vgg
+def test_benchmark_scores_and_plots_lpips_once_its_weights_are_installed(run_folder: Path) -> None:
+    """With LPIPS-VGG installed it is a default metric: in every mean, plotted vs steps and against PSNR."""
+    results = json.loads((run_folder / "results.json").read_text())
+    assert all("lpips_vgg" in data["mean"] for data in results["methods"].values())
+    links = Links()
+    links.feed((run_folder / "report.html").read_text())
+    assert {"plots/perception_distortion.png", "plots/steps_lpips_vgg.png"} <= set(links.targets)
+    assert all((run_folder / target).is_file() for target in links.targets)
 
 
 def test_evaluate_on_a_benchmark_run_gives_its_numbers(run_folder: Path, bench: Path, tmp_path: Path) -> None:

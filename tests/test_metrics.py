@@ -637,17 +637,15 @@ def test_fid_from_features_on_sampled_gaussians():
         feature_statistics(a[:1])
 
 
-def test_fid_from_images_missing_weights_or_package(tmp_path):
+def test_fid_from_images_missing_weights_or_package(tmp_path, monkeypatch):
     images = torch.rand(2, 3, 32, 32)
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         fid_from_images(images, images, inception_weights=tmp_path / "missing.pth")
-    try:
-        import pytorch_fid  # noqa: F401
-    except ImportError:
-        weights = tmp_path / "pt_inception.pth"
-        weights.write_bytes(b"")
-        with pytest.raises(ImportError, match="pytorch-fid"):
-            fid_from_images(images, images, inception_weights=weights)
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # as without pytorch-fid, installed or not
+    with pytest.raises(ImportError, match="pip install pytorch-fid"):
+        fid_from_images(images, images, inception_weights=weights)
 
 
 # --------------------------------------------------------------------------------------------
