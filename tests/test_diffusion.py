@@ -1,4 +1,5 @@
-"""Tests of the Gaussian diffusion (SPEC §4): schedule, posterior, respacing, learned range, Eq. (13) loss."""
+"""Tests of the Gaussian diffusion (docs/method.md §3; paper §3.2): schedule, posterior, respacing, learned range,
+the Eq. (13) loss."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the evaluation metrics (SPEC §2 "Metrics"): PSNR/SSIM in the BasicSR convention,
+"""Tests of the evaluation metrics (docs/method.md §5): PSNR/SSIM in the BasicSR convention,
 NIQE, LPIPS, DISTS, FID and the kernel metrics of Fig. 7.
 
 Golden values come from independent references written here in plain numpy/scipy (PSNR from its
@@ -132,7 +132,8 @@ def test_full_range_luma():
     y = rgb_to_y(colours.T.reshape(3, 3, 1), data_range=255.0, luma="full")[0, :, 0]
     assert torch.allclose(y, colours @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64))
     # studio Y = 16 + 219/255 · full Y, so every PSNR is 20·log10(255/219) = 1.32 dB higher on
-    # studio Y: the gap between our Bicubic rows and the published ones (SPEC §9)
+    # studio Y: the gap between our Bicubic rows and the published ones (docs/results.md, "Why our
+    # Bicubic row is 1.32 dB above the published one")
     hr = sample_rgb(40, 44)
     sr = noisy(hr, 6.0, seed=1)
     gap = psnr(sr, hr, crop=4).item() - psnr(sr, hr, crop=4, luma="full").item()

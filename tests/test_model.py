@@ -1,4 +1,4 @@
-"""Tests of MCFormer, the denoising network (SPEC §3), on tiny configs."""
+"""Tests of MCFormer, the denoising network (docs/method.md §2; paper §3.3), on tiny configs."""
 
 from __future__ import annotations
 

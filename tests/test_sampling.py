@@ -1,4 +1,5 @@
-"""Tests of the MAP reverse process (SPEC §5, Algorithm 2): data term, samplers, guidance, tiles, errors."""
+"""Tests of the MAP reverse process (docs/method.md §4; paper Algorithm 2): data term, samplers, guidance, tiles,
+errors."""
 
 from __future__ import annotations
 
