@@ -1,4 +1,5 @@
-"""Shared test fixtures: small images made on the fly (no files from outside the repository)."""
+"""Shared test fixtures and helpers: small images and files made on the fly (no files from outside the
+repository), the CLI as `blinddiff` runs it, and which optional weights and peers are installed."""
 
 from __future__ import annotations
 
@@ -47,6 +48,63 @@ def one_image_testset(tmp_path: Path, name: str, protocol: str, scale: int, kern
         Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
     build_testset(hr, tmp_path / name, protocol, scale, kernel_size=kernel_size, log=lambda message: None)
     return tmp_path / name
+
+
+def run_cli(*argv: str) -> int:
+    """The commands as `blinddiff` runs them (cli.main adds them to its parser; errors → exceptions here)."""
+    from blinddiff.cli import build_parser
+
+    args = build_parser().parse_args(list(argv))
+    return args.run(args)
+
+
+def sample_options(**kwargs: object):
+    """`blinddiff.inference.SampleOptions` with these fields (the sampling options of a benchmark run)."""
+    from blinddiff.inference import SampleOptions
+
+    return SampleOptions(**kwargs)
+
+
+def niqe_window() -> np.ndarray:
+    """NIQE's 7×7 Gaussian window, σ 7/6 (BasicSR's), normalised to sum 1."""
+    x = np.arange(7) - 3.0
+    g = np.exp(-x**2 / (2 * (7 / 6) ** 2))
+    w = np.outer(g, g)
+    return w / w.sum()
+
+
+def natural_luma(size: int, which: str, top: int = 0, left: int = 0) -> torch.Tensor:
+    """Rounded BT.601 Y (16…235) of a size×size crop of a scikit-image sample picture, float64 [size, size]."""
+    from blinddiff.metrics import rgb_to_y
+
+    rgb = sample_rgb(top + size, left + size, which)[top:, left:]
+    y = rgb_to_y(torch.from_numpy(rgb).permute(2, 0, 1).double(), data_range=255.0)[0]
+    return torch.round(y)
+
+
+def write_niqe_params(path: Path, block: int) -> Path:
+    """Pristine NIQE model fitted to blocks of natural sample pictures (format of BasicSR's file) → path."""
+    from blinddiff.metrics import niqe_features
+
+    window = niqe_window()
+    feats = torch.cat([niqe_features(natural_luma(128, which, top, left), window, block_size=block)
+                       for which in ("astronaut", "coffee", "chelsea")
+                       for top, left in ((0, 0), (150, 150))]).numpy()
+    feats = feats[~np.isnan(feats).any(axis=1)]
+    np.savez(path, mu_pris_param=feats.mean(0)[None], cov_pris_param=np.cov(feats, rowvar=False),
+             gaussian_window=window)
+    return path
+
+
+def peers_installed(*methods: str) -> bool:
+    """Whether `make peers` installed the ×4 peer baselines `methods` (blinddiff.peers.PEERS names)."""
+    from blinddiff import peers
+
+    try:
+        peers.check_peers(methods, 4)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def metric_weights_installed(*names: str) -> bool:

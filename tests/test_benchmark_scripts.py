@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_image_testset, sample_rgb
-from test_evaluation import run_cli
-from test_metrics import write_niqe_params
-from test_peers import installed
+from conftest import one_image_testset, peers_installed, run_cli, sample_rgb, write_niqe_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +87,7 @@ def test_real_noref_refuses_unknown_or_missing_peers(weights: Path, tmp_path: Pa
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-@pytest.mark.skipif(not installed("realesrgan"), reason="peers not installed (run `make peers`)")
+@pytest.mark.skipif(not peers_installed("realesrgan"), reason="peers not installed (run `make peers`)")
 def test_real_noref_scores_the_peers(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     photos = tmp_path / "real"
     photos.mkdir()

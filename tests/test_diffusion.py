@@ -1,4 +1,5 @@
-"""Tests of the Gaussian diffusion (SPEC §4): schedule, posterior, respacing, learned range, Eq. (13) loss."""
+"""Tests of the Gaussian diffusion (docs/method.md §3; paper §3.2): schedule, posterior, respacing, learned range,
+the Eq. (13) loss."""
 
 from __future__ import annotations
 
@@ -370,16 +371,56 @@ def test_random_model_losses_finite_including_t0():
         assert (losses["vb"] > 0).all() if learned else (losses["vb"] == 0).all()
 
 
-def test_vb_is_bound_on_frozen_mean_rescaled_by_chain_length():
+def _linear_alphas_cumprod(steps: int = 1000) -> list[float]:
+    """ᾱ_t of the linear β schedule (1e-4 … 0.02), in plain Python floats."""
+    products, product = [], 1.0
+    for i in range(steps):
+        product *= 1 - (1e-4 + (0.02 - 1e-4) * i / (steps - 1))
+        products.append(product)
+    return products
+
+
+def test_vb_is_the_closed_form_gaussian_kl_and_decoder_nll():
+    """L_vb against formulas written out here: for t > 0 the KL between the posterior q(x_{t−1}|x_t, x0) (DDPM
+    Eq. 6-7) and p with the model's mean and learned-range variance (IDDPM §3.1), for t = 0 the NLL of the
+    8-bit decoder (a Gaussian's mass on each pixel's bin, the outer bins open); bits per dimension × N/1000."""
     d = _chain(1000, train_steps=250)
-    net = TinyNet()
-    x0 = _images((3, 3, 8, 8))
-    lr, t = x0[:, :, ::2, ::2], torch.tensor([0, 3, 249])
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
-    losses = d.training_losses(net, x0, lr, _kernels(3), t=t, noise=noise)
-    x_t = d.q_sample(x0, t, noise)
-    out, _ = net(x_t, d.model_timesteps(t), lr)
-    torch.testing.assert_close(losses["vb"], 0.25 * d.vb_terms_bpd(out, x0, x_t, t))
+    a_bar = [_linear_alphas_cumprod()[k] for k in d.timestep_map.tolist()]  # the respaced chain's ᾱ
+    x0 = _images((3, 3, 4, 4), dtype=torch.float64)
+    x0[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # both open end bins
+    noise = torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0, 3, 249])
+    delta, v = 0.1, 0.4  # ε̂ = ε + δ: a wrong mean; v between log β_t (1) and log β̃_t (−1)
+    kernels = _kernels(3)
+    vb = d.training_losses(_oracle(noise + delta, kernels, v), x0, x0[:, :, ::2, ::2], kernels, t=t, noise=noise)["vb"]
+    frac = (v + 1) / 2
+
+    def step(k: int) -> tuple[float, float, float]:  # β_t, β̃_t (clipped to β̃_1 at t = 0) and the x0 coefficient
+        prev = a_bar[k - 1] if k else 1.0
+        beta = 1 - a_bar[k] / prev
+        if k == 0:
+            return beta, step(1)[1], 1.0
+        return beta, (1 - prev) / (1 - a_bar[k]) * beta, math.sqrt(prev) * beta / (1 - a_bar[k])
+
+    for i, k in enumerate(t.tolist()):
+        beta, beta_tilde, coef_x0 = step(k)
+        var = math.exp(frac * math.log(beta) + (1 - frac) * math.log(beta_tilde))
+        x0_error = math.sqrt((1 - a_bar[k]) / a_bar[k]) * delta  # x0 − x̂0 for ε̂ = ε + δ
+        if k > 0:  # the means differ by coef_x0·(x0 − x̂0), the same for every pixel
+            nats = 0.5 * (math.log(var / beta_tilde) + beta_tilde / var + (coef_x0 * x0_error) ** 2 / var - 1)
+            rel = 1e-5
+        else:  # the decoder's mean is x̂0, x0_error below each pixel: mass of its bin [x0 ± 1/510]
+
+            def cdf(z: float) -> float:  # of x0 − mean; exact, where the code's tanh approximation is within 1e-4
+                return 0.5 * (1 + math.erf(z / math.sqrt(2 * var)))
+
+            half, logs = 0.5 / 255, []
+            for value in x0[i].flatten().tolist():
+                upper = 1.0 if value > 1 - half else cdf(x0_error + half)
+                lower = 0.0 if value < half else cdf(x0_error - half)
+                logs.append(-math.log(upper - lower))
+            nats, rel = sum(logs) / len(logs), 1e-4
+        assert vb[i].item() == pytest.approx(nats / math.log(2) * 250 / 1000, rel=rel), k
 
 
 def test_total_is_mse_plus_vb_plus_weighted_kernel():

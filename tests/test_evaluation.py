@@ -17,18 +17,19 @@ import pytest
 from PIL import Image
 
 from blinddiff import evaluation
-from blinddiff.cli import build_parser
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
 from blinddiff.metrics import build_metric_suite, psnr, ssim
 from blinddiff.perceptual import LPIPS
 from blinddiff.testsets import build_testset
-from conftest import metric_weights_installed, one_image_testset, sample_rgb
+from conftest import metric_weights_installed, one_image_testset, run_cli, sample_options, sample_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 LPIPS_INSTALLED = metric_weights_installed("vgg")  # by `make metric-weights`; then LPIPS-VGG is a default metric
+needs_lpips_vgg = pytest.mark.skipif(not LPIPS_INSTALLED,
+                                     reason="LPIPS-VGG weights not installed; run `make metric-weights`")
 needs_metric_weights = pytest.mark.skipif(not metric_weights_installed("vgg", "alex", "dists"),
                                           reason="LPIPS/DISTS weights not installed; run `make metric-weights`")
 BENCH_ARGS = ["--steps", "2", "--steps-sweep", "1,2", "--trajectory-steps", "3", "--no-progress", "--device", "cpu"]
@@ -39,12 +40,6 @@ from blinddiff.cli import build_parser
 args = build_parser().parse_args()
 sys.exit(args.run(args))
 """
-
-
-def run_cli(*argv: str) -> int:
-    """The commands as `blinddiff` runs them (cli.main adds them to its parser; errors → exceptions here)."""
-    args = build_parser().parse_args(list(argv))
-    return args.run(args)
 
 
 def textured(which: str, height: int, width: int) -> np.ndarray:
@@ -238,16 +233,24 @@ def test_benchmark_writes_results_and_a_self_contained_report(run_folder: Path, 
     links = Links()
     links.feed((run_folder / "report.html").read_text())
     images = [t for t in links.targets if t.endswith(".png")]
-    # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; plots: 2 traces, 2 or 3 vs steps, perception–distortion
-    assert len(images) >= 4 * 7 + 4 + 2 * LPIPS_INSTALLED
-    if LPIPS_INSTALLED:
-        assert "plots/perception_distortion.png" in images and "plots/steps_lpips_vgg.png" in images
-        assert all("lpips_vgg" in data["mean"] for data in results["methods"].values())
+    # per case: LR, bicubic, ours, gt-kernel, HR, 2 kernels; plots: 2 traces, PSNR and SSIM vs steps
+    assert len(images) >= 4 * 7 + 4
     for target in links.targets:
         assert "://" not in target and not target.startswith("/") and ".." not in target
         assert (run_folder / target).is_file(), target
     with Image.open(run_folder / "plots" / "trajectory_psnr_x0.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 200
+
+
+@needs_lpips_vgg
+def test_benchmark_scores_and_plots_lpips_once_its_weights_are_installed(run_folder: Path) -> None:
+    """With LPIPS-VGG installed it is a default metric: in every mean, plotted vs steps and against PSNR."""
+    results = json.loads((run_folder / "results.json").read_text())
+    assert all("lpips_vgg" in data["mean"] for data in results["methods"].values())
+    links = Links()
+    links.feed((run_folder / "report.html").read_text())
+    assert {"plots/perception_distortion.png", "plots/steps_lpips_vgg.png"} <= set(links.targets)
+    assert all((run_folder / target).is_file() for target in links.targets)
 
 
 def test_evaluate_on_a_benchmark_run_gives_its_numbers(run_folder: Path, bench: Path, tmp_path: Path) -> None:
@@ -265,7 +268,7 @@ def test_benchmark_resumes_without_recomputing(run_folder: Path, bench: Path, we
     outputs = sorted(p for method in ("blinddiff", "bicubic", "gt-kernel") for p in (run / method).glob("*.*"))
     stamps = {p: p.stat().st_mtime_ns for p in outputs}
     settings = evaluation.BenchmarkSettings(trajectory_steps=3, steps_sweep=(1, 2), batch_size=2)
-    options = evaluation_options(steps=2)
+    options = sample_options(steps=2)
     outcome = evaluation.run_benchmark(bench, weights, run, options=options, settings=settings, device="cpu",
                                        log=lambda message: None)
     assert outcome.computed == {"blinddiff": 0, "bicubic": 0, "gt-kernel": 0}
@@ -284,7 +287,7 @@ def test_benchmark_resumes_without_recomputing(run_folder: Path, bench: Path, we
     changed = [p.name for p in outputs if p.stat().st_mtime_ns != stamps[p]]
     assert changed == [f"{name}.png", f"{name}_kernel.npy", f"{name}_kernel.png"]
     with pytest.raises(ValueError, match="sampling"):
-        evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=3), settings=settings,
+        evaluation.run_benchmark(bench, weights, run, options=sample_options(steps=3), settings=settings,
                                  device="cpu", log=lambda message: None)
 
 
@@ -293,7 +296,7 @@ def test_benchmark_rescored_on_full_range_luma(run_folder: Path, bench: Path, we
     run = tmp_path / "run"
     shutil.copytree(run_folder, run)
     settings = evaluation.BenchmarkSettings(trajectory_steps=3, steps_sweep=(1, 2), batch_size=2)
-    outcome = evaluation.run_benchmark(bench, weights, run, options=evaluation_options(steps=2), settings=settings,
+    outcome = evaluation.run_benchmark(bench, weights, run, options=sample_options(steps=2), settings=settings,
                                        suite=build_metric_suite(luma="full"), device="cpu",
                                        log=lambda message: None)
     assert outcome.computed == {"blinddiff": 0, "bicubic": 0, "gt-kernel": 0} and outcome.results is not None
@@ -330,17 +333,11 @@ def test_benchmark_times_every_image(run_folder: Path) -> None:
 
 def test_limit_takes_cases_spread_over_the_set(bench: Path, weights: Path, tmp_path: Path) -> None:
     settings = evaluation.BenchmarkSettings(baselines=(), trajectory_cases=0, limit=2)
-    outcome = evaluation.run_benchmark(bench, weights, tmp_path / "run", options=evaluation_options(steps=1),
+    outcome = evaluation.run_benchmark(bench, weights, tmp_path / "run", options=sample_options(steps=1),
                                        settings=settings, device="cpu", log=lambda message: None)
     names = [case["name"] for case in cases(bench)]
     assert outcome.results is not None
     assert [row["name"] for row in outcome.results["methods"]["blinddiff"]["cases"]] == [names[0], names[-1]]
-
-
-def evaluation_options(**kwargs: object):
-    from blinddiff.inference import SampleOptions
-
-    return SampleOptions(**kwargs)
 
 
 def test_benchmark_argument_errors(bench: Path, weights: Path, tmp_path: Path) -> None:
@@ -463,7 +460,7 @@ def test_deblurring_baselines_on_a_scale_1_benchmark(tmp_path: Path) -> None:
     build_testset(hr, bench, "motion", 1, kernel_size=11, noise=0.01, log=lambda message: None)
     methods = ("blurry", "gt-kernel", "rl-gt", "rl-est", "wiener-gt", "wiener-est")
     settings = evaluation.BenchmarkSettings(baselines=methods, trajectory_cases=0)
-    outcome = evaluation.run_benchmark(bench, weights, tmp_path / "run", options=evaluation_options(steps=1),
+    outcome = evaluation.run_benchmark(bench, weights, tmp_path / "run", options=sample_options(steps=1),
                                        settings=settings, suite=build_metric_suite("psnr,kernel_l1"), device="cpu",
                                        log=lambda message: None)
     results = outcome.results

@@ -1,4 +1,4 @@
-"""Tests of the evaluation metrics (SPEC §2 "Metrics"): PSNR/SSIM in the BasicSR convention,
+"""Tests of the evaluation metrics (docs/method.md §5): PSNR/SSIM in the BasicSR convention,
 NIQE, LPIPS, DISTS, FID and the kernel metrics of Fig. 7.
 
 Golden values come from independent references written here in plain numpy/scipy (PSNR from its
@@ -45,7 +45,7 @@ from blinddiff.metrics import (
     rgb_to_y,
     ssim,
 )
-from conftest import metric_weights_installed, sample_rgb
+from conftest import metric_weights_installed, natural_luma, niqe_window, sample_rgb, write_niqe_params
 
 # --------------------------------------------------------------------------------------------
 # Independent references
@@ -132,7 +132,8 @@ def test_full_range_luma():
     y = rgb_to_y(colours.T.reshape(3, 3, 1), data_range=255.0, luma="full")[0, :, 0]
     assert torch.allclose(y, colours @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64))
     # studio Y = 16 + 219/255 · full Y, so every PSNR is 20·log10(255/219) = 1.32 dB higher on
-    # studio Y: the gap between our Bicubic rows and the published ones (SPEC §9)
+    # studio Y: the gap between our Bicubic rows and the published ones (docs/results.md, "Why our
+    # Bicubic row is 1.32 dB above the published one")
     hr = sample_rgb(40, 44)
     sr = noisy(hr, 6.0, seed=1)
     gap = psnr(sr, hr, crop=4).item() - psnr(sr, hr, crop=4, luma="full").item()
@@ -254,13 +255,6 @@ def test_image_argument_errors():
 # --------------------------------------------------------------------------------------------
 
 
-def niqe_window() -> np.ndarray:
-    x = np.arange(7) - 3.0
-    g = np.exp(-x**2 / (2 * (7 / 6) ** 2))
-    w = np.outer(g, g)
-    return w / w.sum()
-
-
 def aggd_reference(values: np.ndarray) -> tuple[float, float, float]:
     values = values.ravel().astype(np.float64)
     alphas = np.arange(0.2, 10.001, 0.001)
@@ -299,24 +293,6 @@ def niqe_features_reference(luma: np.ndarray, window: np.ndarray, block: int, ha
         per_scale.append(np.array(feats))
         image = half(image.astype(np.float64)).astype(np.float32)
     return np.concatenate(per_scale, axis=1)
-
-
-def natural_luma(size: int, which: str, top: int = 0, left: int = 0) -> torch.Tensor:
-    rgb = sample_rgb(top + size, left + size, which)[top:, left:]
-    y = rgb_to_y(torch.from_numpy(rgb).permute(2, 0, 1).double(), data_range=255.0)[0]
-    return torch.round(y)
-
-
-def write_niqe_params(path: Path, block: int) -> Path:
-    """Pristine model fitted to blocks of natural sample pictures (format of BasicSR's file)."""
-    window = niqe_window()
-    feats = torch.cat([niqe_features(natural_luma(128, which, top, left), window, block_size=block)
-                       for which in ("astronaut", "coffee", "chelsea")
-                       for top, left in ((0, 0), (150, 150))]).numpy()
-    feats = feats[~np.isnan(feats).any(axis=1)]
-    np.savez(path, mu_pris_param=feats.mean(0)[None], cov_pris_param=np.cov(feats, rowvar=False),
-             gaussian_window=window)
-    return path
 
 
 def test_niqe_features_match_reference():
@@ -662,17 +638,15 @@ def test_fid_from_features_on_sampled_gaussians():
         feature_statistics(a[:1])
 
 
-def test_fid_from_images_missing_weights_or_package(tmp_path):
+def test_fid_from_images_missing_weights_or_package(tmp_path, monkeypatch):
     images = torch.rand(2, 3, 32, 32)
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         fid_from_images(images, images, inception_weights=tmp_path / "missing.pth")
-    try:
-        import pytorch_fid  # noqa: F401
-    except ImportError:
-        weights = tmp_path / "pt_inception.pth"
-        weights.write_bytes(b"")
-        with pytest.raises(ImportError, match="pytorch-fid"):
-            fid_from_images(images, images, inception_weights=weights)
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # as without pytorch-fid, installed or not
+    with pytest.raises(ImportError, match="pip install pytorch-fid"):
+        fid_from_images(images, images, inception_weights=weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of MCFormer, the denoising network (SPEC §3), on tiny configs."""
+"""Tests of MCFormer, the denoising network (docs/method.md §2; paper §3.3), on tiny configs."""
 
 from __future__ import annotations
 
@@ -70,14 +70,27 @@ def test_any_size_and_scale(size, scale, rounding):
     assert_valid_kernels(kernel, 1, 7)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (3, 5), (9, 2)])
-def test_tiny_images_use_replicate_padding(size):
-    model = tiny().eval()
-    x_t = torch.randn(2, 3, *size)
+@pytest.mark.parametrize("stem", [dict(), dict(patch_size=4, blocks=(1, 1), heads=(1, 1), residual_over="lr")])
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (9, 2), (13, 22), (33, 17)])
+def test_padding_to_the_size_multiple_is_cropped_away(size, stem):
+    """A size off the network's multiple is padded at the bottom and right (reflected; replicated where the image
+    is too small to reflect) and cropped back: the output is that of the image padded beforehand to a size that
+    needs no padding, cropped, and so is the kernel."""
+    model = tiny(**stem).eval()
+    multiple, (h, w) = model.cfg.size_multiple, size
+    g = torch.Generator().manual_seed(2)
+    x_t, lr = torch.randn(2, 3, h, w, generator=g), torch.rand(2, 3, math.ceil(h / 4), math.ceil(w / 4), generator=g)
+    t = torch.tensor([3, 999])
+    pad_h, pad_w = -h % multiple, -w % multiple
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    x_big, lr_big = (F.pad(z, (0, pad_w, 0, pad_h), mode=mode) for z in (x_t, model.upsample_lr(lr, (h, w))))
+    assert x_big.shape[-2] % multiple == 0 and x_big.shape[-1] % multiple == 0
     with torch.no_grad():
-        out, kernel = model(x_t, torch.tensor([3, 999]), x_t.clone())
-    assert out.shape == (2, 6, *size)
-    assert torch.isfinite(out).all()
+        out, kernel = model(x_t, t, lr)
+        out_big, kernel_big = model(x_big, t, lr_big)  # an LR of the output's size is used as is
+    assert out.shape == (2, 6, h, w)
+    torch.testing.assert_close(out, out_big[..., :h, :w], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel, kernel_big, atol=1e-6, rtol=1e-5)
 
 
 def test_scale_one_uses_lr_as_is():

@@ -17,18 +17,10 @@ from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
 from blinddiff.kernels import isotropic_gaussian
 from blinddiff.metrics import psnr
 from blinddiff.testsets import build_testset
-from conftest import one_image_testset, sample_rgb
+from conftest import one_image_testset, peers_installed, sample_options, sample_rgb
 
 
-def installed(*methods: str) -> bool:
-    try:
-        peers.check_peers(methods, 4)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-needs_peers = pytest.mark.skipif(not installed(*peers.PEERS), reason="peers not installed (run `make peers`)")
+needs_peers = pytest.mark.skipif(not peers_installed(*peers.PEERS), reason="peers not installed (run `make peers`)")
 
 # srmd-ncnn-vulkan's src/srmd_preproc.comp hard-codes the code of its (delta-kernel) degradation:
 # P applied to a centred delta kernel, i.e. column 112 of KAIR's srmd_pca_matlab.mat.
@@ -226,7 +218,7 @@ def test_benchmark_runs_the_peers_and_srmd_with_the_true_kernel_beats_bicubic(we
     build_testset(hr, tmp_path / "set", "iso:2.0", 4, log=lambda message: None)
     settings = evaluation.BenchmarkSettings(baselines=("bicubic", *peers.PEERS), trajectory_cases=0, report_cases=1)
     outcome = evaluation.run_benchmark(tmp_path / "set", weights, tmp_path / "run",
-                                       options=evaluation_options(steps=1), settings=settings, device="cpu",
+                                       options=sample_options(steps=1), settings=settings, device="cpu",
                                        log=lambda message: None)
     assert outcome.results is not None and not outcome.problems
     methods = outcome.results["methods"]
@@ -241,12 +233,6 @@ def test_benchmark_runs_the_peers_and_srmd_with_the_true_kernel_beats_bicubic(we
     report = (tmp_path / "run" / "report.html").read_text()
     assert all(f"<figcaption>{method}</figcaption>" in report for method in peers.PEERS)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["settings"]["baselines"][-1] == "srmd-est"
-
-
-def evaluation_options(**kwargs: object):
-    from blinddiff.inference import SampleOptions
-
-    return SampleOptions(**kwargs)
 
 
 # ---------------------------------------------------------------------- deconvolution baselines (scale 1)
