@@ -1,4 +1,4 @@
-"""Throughput of training-data degradation (SPEC §2): HR patches → blurred, ×1/s, quantised LR.
+"""Throughput of training-data degradation (docs/method.md §1): HR patches → blurred, ×1/s, quantised LR.
 
 Default case = the training hot path: 32 × 3 × 128² HR patches, one random isotropic 21×21
 Gaussian per patch, MATLAB bicubic ×1/4, 8-bit quantisation; then the stages of the real-world model
@@ -25,7 +25,7 @@ from blinddiff.kernels import isotropic_gaussian, sample_real_kernels
 
 
 def gaussian_kernels(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Random isotropic Gaussians, σ ~ U(0.2, 4) on a size×size grid (SPEC §2 setting 1)."""
+    """Random isotropic Gaussians, σ ~ U(0.2, 4) on a size×size grid (docs/method.md §1 setting 1)."""
     sigma = 0.2 + 3.8 * torch.rand(batch, 1, 1, generator=generator)
     coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     r2 = coords[None, :, None] ** 2 + coords[None, None, :] ** 2

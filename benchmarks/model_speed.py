@@ -1,4 +1,4 @@
-"""Forward and training-step time of MCFormer presets (issue: network and training, benchmarks).
+"""Forward and training-step time of MCFormer presets.
 
 For each preset, batch size and mode (fp32 eager, bf16 autocast, torch.compile with fp32 / bf16), times
 one forward pass (no grad) and one full training step (degradation excluded; diffusion loss, backward,

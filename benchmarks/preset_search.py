@@ -2,7 +2,7 @@
 
 Each candidate network (≤ 3 M parameters) trains for the same wall-clock budget on the training images
 (setting 1, ×4, bf16 autocast, Adam 2e-4), then is scored on fixed validation patches cut from Set14
-(SPEC: tune on Set5/Set14 only) with fixed timesteps and noise: ε-MSE and kernel L1 (paper Eq. 13
+(tuning sets only: Set5/Set14) with fixed timesteps and noise: ε-MSE and kernel L1 (paper Eq. 13
 terms). A short budget is a proxy for the 2-hour run: it ranks how fast each shape learns per second.
 
     python benchmarks/preset_search.py --minutes 4 --val ../shared/data/benchmarks/Set14

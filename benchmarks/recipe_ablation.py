@@ -1,4 +1,4 @@
-"""Equal-budget recipe ablation (issue "Quality per CPU-hour", item 3).
+"""Equal-budget recipe ablation.
 
 Every candidate is trained by the real trainer on the same number of HR patches (``--patches``) and
 scored on one held-out set: a fixed Set14 Gaussian8 subset of 14 cases (image i at σ number i mod 8,

@@ -1,10 +1,10 @@
-"""Choose the sampling defaults by measurement (issue 6; the paper's Table 4 / Fig. 7a analogue).
+"""Choose the sampling defaults by measurement (the paper's Table 4 / Fig. 7a analogue).
 
 One factor at a time around a base setting, each a full `blinddiff benchmark` run (resumable) on one test
 set — Set5 only, never a reported set:
 
 * reverse steps, at the base ζ and gradient;
-* ζ (step size of the kernel-aware gradient, SPEC §5), at the base steps, for each gradient variant
+* ζ (step size of the kernel-aware gradient, docs/method.md §4), at the base steps, for each gradient variant
   (x_t: back-propagated through the network, the paper; x̂0: taken at the prediction, no backward);
 * the deterministic DDIM sampler (η = 0) at the base steps.
 

@@ -1,4 +1,4 @@
-"""Cost of the MAP reverse process (SPEC §5): forward vs guided steps vs a whole sample, per precision/compile mode.
+"""Cost of the MAP reverse process (docs/method.md §4): forward vs guided steps vs a whole sample, per precision/compile mode.
 
 For each config and HR size, times in ONE run (so the ratios compare like with like): a plain forward (no grad),
 one guided step back-propagating the data term through the network to x_t (the paper), one guided step taking the
@@ -33,7 +33,7 @@ def measure_speed(config: str, *, size: int | None = None, steps: int = 10, batc
                   precisions: Sequence[str] = ("fp32", "bf16"), compile_modes: Sequence[bool] = (False,),
                   repeats: int = 3, device: str = "auto", seed: int = 0,
                   log: Callable[[str], None] | None = None) -> list[dict]:
-    """Time the pieces of the reverse process with random weights of ``config`` (SPEC §5), in one run.
+    """Time the pieces of the reverse process with random weights of ``config`` (docs/method.md §4), in one run.
 
     Per (precision, eager/compiled): a plain forward (no grad), one guided step with ∂E/∂x_t through
     the network (the paper), one with ∂E/∂x̂0, and a whole ``steps``-step sample, on a batch of HR

@@ -1,4 +1,4 @@
-"""Training throughput and model-FLOP utilisation of presets (issue "Quality per CPU-hour", item 1).
+"""Training throughput and model-FLOP utilisation of presets.
 
 Prints, in one run on an otherwise idle machine:
   * the roofline: dense 3×3 convolution (bf16, channels-last) and bf16 matrix-product TFLOP/s;

@@ -1,4 +1,4 @@
-"""Tests of the degradation model (SPEC §2): blur, MATLAB bicubic resize, downsampling, noise,
+"""Tests of the degradation model (docs/method.md §1): blur, MATLAB bicubic resize, downsampling, noise,
 quantisation and the composed ``degrade``.
 
 MATLAB is not available, so MATLAB agreement is checked against golden values derived here

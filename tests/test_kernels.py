@@ -1,4 +1,4 @@
-"""Blur kernels (SPEC §2): Gaussian and motion samplers, kernel files, kernel PCA and CLI specs."""
+"""Blur kernels (docs/method.md §1): Gaussian and motion samplers, kernel files, kernel PCA and CLI specs."""
 
 from __future__ import annotations
 

@@ -1,8 +1,19 @@
 """blinddiff: blind image super-resolution with diffusion (BlindDiff).
 
-The package reads like the method: `kernels` and `degradation` (the forward model, SPEC §2), `data`,
-`model` (MCFormer, §3), `diffusion` (§4), `train`, `sampling` (the MAP reverse process, §5), `inference`
-(the `BlindDiff` API), `metrics`, and `cli`.
+The package reads like the method (docs/method.md has the paper element → module table):
+
+- the forward model: `kernels` (blur kernels: sampled, loaded, checked), `degradation` (blur, ↓s, noise,
+  JPEG, the real-world chain; paper Eq. 1), `data` (training patches and their degradations);
+- the network and the diffusion: `model` (MCFormer, paper §3.3), `diffusion` (the schedule and the
+  objective of Eq. 13), `train` (the training loop, DDP, time-boxed chunks), `config` (nested dataclass
+  configs and presets), `checkpoint` (weights, sharded training state, the shipped-weights registry);
+- the reverse process: `sampling` (paper Algorithm 2, with windows for any image size), `inference` (the
+  `BlindDiff` Python API), `batch` (processing image files for `upscale` / `deblur`);
+- measuring: `metrics` (PSNR/SSIM/NIQE/PIQE/FID/kernel metrics), `perceptual` (LPIPS, DISTS), `testsets`
+  (building test sets), `evaluation` (`evaluate`, `benchmark`, reports), `peers` (Real-ESRGAN, RealSR, SRMD
+  and classical deblurring baselines);
+- around them: `fileio` (images, kernels and atomic writes), `hardware` (devices, precision, ranks),
+  `demo`, and `cli` (the `blinddiff` command).
 """
 
 __version__ = "0.1.0"

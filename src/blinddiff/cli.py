@@ -374,7 +374,7 @@ def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
                         help="iso:SIGMA, aniso:SX,SY,THETA, motion:INTENSITY, random-iso, random-aniso, "
                              "random-motion, or a kernel file (.npy, .png, .mat)")
     parser.add_argument("--pipeline", choices=("paper", "real"), default="paper",
-                        help="paper: blur with --kernel, downsample, --noise (SPEC §2); real: the real-world chain "
+                        help="paper: blur with --kernel, downsample, --noise (docs/method.md §1); real: the real-world chain "
                              "(blur, resize, Gaussian/Poisson noise, JPEG, twice; seeded by --seed)")
     parser.add_argument("--config", default=None,
                         help="with --pipeline real: a YAML file or preset whose data.real settings to use "
@@ -479,7 +479,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 # so `blinddiff --help` imports nothing heavy (torch included)
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "make-benchmark": ("build a synthetic test set (HR, LR, kernels, manifest)",
-                       "Build a synthetic test set from a folder of HR images (SPEC §2).",
+                       "Build a synthetic test set from a folder of HR images (docs/method.md §1).",
                        add_make_benchmark_arguments),
     "degrade": ("blur, downsample and quantise single images",
                 "Degrade images with a given or random kernel; writes LR and kernel.", add_degrade_arguments),
@@ -489,7 +489,7 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                "Write the EMA weights of a weights file or a checkpoint's .index.json as one .safetensors file "
                "with its config.", add_export_arguments),
     "upscale": ("blind super-resolution of images (MAP reverse process)",
-                "Blind SR: estimates the kernel and the HR image together (SPEC §5).", add_upscale_arguments),
+                "Blind SR: estimates the kernel and the HR image together (docs/method.md §4).", add_upscale_arguments),
     "deblur": ("blind deblurring with a scale-1 model",
                "Blind deblurring: `upscale` with a scale-1 model (default: the shipped deblur-motion).",
                add_deblur_arguments),
@@ -499,7 +499,7 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "info": ("parameters and GFLOPs of a config's network",
              "Parameter counts (total and per part) and GFLOPs of one forward.", add_info_arguments),
     "evaluate": ("score SR results of a test set (PSNR/SSIM/LPIPS/DISTS/NIQE/FID/kernels)",
-                 "Score a folder of SR results against a make-benchmark test set (SPEC §2 Metrics); works under "
+                 "Score a folder of SR results against a make-benchmark test set (docs/method.md §5); works under "
                  "torchrun.", add_evaluate_arguments),
     "benchmark": ("upscale and evaluate a test set, with baselines and report.html",
                   "Upscale every case of a test set, evaluate it and the baselines, and write "

@@ -1,4 +1,4 @@
-"""Run configuration: nested dataclasses loaded from YAML presets (SPEC §3–§4 give the paper's values).
+"""Run configuration: nested dataclasses loaded from YAML presets (docs/method.md §2–§3 give the paper's values).
 
 `load_config("paper-iso-x4", ["train.lr=1e-4"])` reads a preset shipped in `blinddiff/configs/` (or any
 YAML file), applies `--set` style overrides and checks everything: unknown keys and ill-typed values
@@ -29,7 +29,7 @@ from .model import MCFormerConfig
 
 @dataclass
 class TrainConfig:
-    """Optimisation (SPEC §4): Adam β (0.9, 0.99), lr halved at milestones, EMA 0.999."""
+    """Optimisation (docs/method.md §3): Adam β (0.9, 0.99), lr halved at milestones, EMA 0.999."""
 
     batch_size: int = 8  # per process
     steps: int = 500_000

@@ -1,4 +1,4 @@
-"""Training data (SPEC §2 and §4): random HR patches from a folder, degraded on the fly.
+"""Training data (docs/method.md §1 and §3): random HR patches from a folder, degraded on the fly.
 
 `HRPatches` yields augmented HR crops (random position, flips, 90° rotations). Degradation is done
 afterwards on a whole batch, on the training device, by `TrainingDegradation`: sample one kernel per
@@ -132,7 +132,7 @@ class HRPatches(Dataset):
 
 
 class TrainingDegradation:
-    """Turn a batch of HR patches into (hr, lr, kernel) on the patches' device (SPEC §2 training settings;
+    """Turn a batch of HR patches into (hr, lr, kernel) on the patches' device (docs/method.md §1 training settings;
     setting "real": the real-world model of `degradation.degrade_real`, whose kernel is the first-order blur)."""
 
     def __init__(self, setting: str = "iso", scale: int = 4, kernel_size: int = 21,

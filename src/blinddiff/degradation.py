@@ -1,7 +1,7 @@
-"""Degradation model of BlindDiff (SPEC §2): y = ((x ⊛ k)↓s + n), rounded to 8 bits.
+"""Degradation model of BlindDiff (docs/method.md §1): y = ((x ⊛ k)↓s + n), rounded to 8 bits.
 
 This is the forward model the whole method is built around: training pairs are made with it,
-and the reverse process (SPEC §5, the kernel-aware gradient) back-propagates through
+and the reverse process (docs/method.md §4, the kernel-aware gradient) back-propagates through
 :func:`blur` and :func:`downsample` at every step. All functions are pure, batched tensor
 functions on images ``[B, C, H, W]`` in [0, 1]; they work on any device and floating dtype
 and are differentiable with respect to images *and* kernels (except :func:`quantize`).
@@ -127,7 +127,7 @@ def _prepare_kernels(kernels: Tensor, images: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Blur (SPEC §2: reflect padding, same kernel for every channel)
+# Blur (docs/method.md §1: reflect padding, same kernel for every channel)
 # --------------------------------------------------------------------------------------------
 
 
@@ -198,7 +198,7 @@ def _blur(images: Tensor, kernels: Tensor, method: str, stride: int = 1) -> Tens
 
 
 def blur(images: Tensor, kernels: Tensor, *, method: BlurMethod = "auto") -> Tensor:
-    """Blur ``images`` [B, C, H, W] with ``kernels`` [B, kh, kw] or [kh, kw] (x ⊛ k, SPEC §2).
+    """Blur ``images`` [B, C, H, W] with ``kernels`` [B, kh, kw] or [kh, kw] (x ⊛ k, docs/method.md §1).
 
     Reflect padding keeps H×W (``k//2`` before, ``k − 1 − k//2`` after, so even kernels are
     supported); the same kernel is applied to every channel; correlation like ``F.conv2d``
@@ -210,7 +210,7 @@ def blur(images: Tensor, kernels: Tensor, *, method: BlurMethod = "auto") -> Ten
 
 
 # --------------------------------------------------------------------------------------------
-# MATLAB-compatible bicubic resize (SPEC §2, "bicubic" downsampling)
+# MATLAB-compatible bicubic resize (docs/method.md §1, "bicubic" downsampling)
 # --------------------------------------------------------------------------------------------
 
 
@@ -262,7 +262,7 @@ def _bicubic_matrix(in_len: int, out_len: int, scale: float,
 
 def matlab_bicubic_resize(images: Tensor, scale: float | None = None,
                           size: tuple[int, int] | None = None) -> Tensor:
-    """MATLAB ``imresize(x, scale, 'bicubic')`` (antialiased) of the last two dims (SPEC §2).
+    """MATLAB ``imresize(x, scale, 'bicubic')`` (antialiased) of the last two dims (docs/method.md §1).
 
     Give exactly one of ``scale`` (output ``ceil(in·scale)``, MATLAB's rule, and that scale in
     the kernel) or ``size`` = (H_out, W_out) (per-dimension scale = out/in, as MATLAB derives
@@ -307,7 +307,7 @@ def matlab_bicubic_resize(images: Tensor, scale: float | None = None,
 
 
 def upsample_bicubic(images: Tensor, scale: int) -> Tensor:
-    """MATLAB bicubic ×``scale`` enlargement (the network's conditioning input ↑y, SPEC §3)."""
+    """MATLAB bicubic ×``scale`` enlargement (the network's conditioning input ↑y, docs/method.md §2)."""
     scale = check_scale(scale)
     if scale == 1:
         return images
@@ -325,7 +325,7 @@ def _downsample(images: Tensor, scale: int, mode: str) -> Tensor:
 
 
 def downsample(images: Tensor, scale: int, mode: str = "bicubic") -> Tensor:
-    """↓s of SPEC §2: ``"bicubic"`` = MATLAB ``imresize(x, 1/s)`` (output ``ceil(H/s)``),
+    """↓s of docs/method.md §1: ``"bicubic"`` = MATLAB ``imresize(x, 1/s)`` (output ``ceil(H/s)``),
     ``"direct"`` = ``x[..., ::s, ::s]`` (paper Eq. 1). ``scale`` = 1 returns the input."""
     return _downsample(images, scale, mode)
 
@@ -337,7 +337,7 @@ def downsample(images: Tensor, scale: int, mode: str = "bicubic") -> Tensor:
 
 def add_gaussian_noise(images: Tensor, sigma: float | Tensor,
                        generator: torch.Generator | None = None) -> Tensor:
-    """Add n ~ N(0, σ²) on the [0, 1] scale (SPEC §2; σ = 0.02 in the deblurring setting).
+    """Add n ~ N(0, σ²) on the [0, 1] scale (docs/method.md §1; σ = 0.02 in the deblurring setting).
 
     ``sigma``: a float or a [B] tensor (one σ per image). With a ``generator`` the noise is
     drawn on the generator's device and moved to the images', so a CPU generator gives the
@@ -411,7 +411,7 @@ def _quantize(images: Tensor) -> Tensor:
 
 
 def quantize(images: Tensor) -> Tensor:
-    """8-bit quantisation of the LR image: clamp to [0, 1], round(255·y)/255 (SPEC §2).
+    """8-bit quantisation of the LR image: clamp to [0, 1], round(255·y)/255 (docs/method.md §1).
     ``torch.round`` rounds halves to even, like ``numpy.round`` in the authors' code."""
     return _quantize(images)
 
@@ -424,7 +424,7 @@ def quantize(images: Tensor) -> Tensor:
 def degrade(hr: Tensor, kernels: Tensor, scale: int, downsample: str = "bicubic",
             noise_sigma: float | Tensor = 0.0, quantize: bool = True,
             generator: torch.Generator | None = None) -> Tensor:
-    """y = quantize((hr ⊛ k)↓s + n) — the degradation of SPEC §2 (paper Eq. 1).
+    """y = quantize((hr ⊛ k)↓s + n) — the degradation of docs/method.md §1 (paper Eq. 1).
 
     ``scale`` = 1 is pure deblurring. With ``downsample="direct"`` the blur is evaluated only
     at the kept pixels when that is cheaper (identical to blur followed by slicing). Output
@@ -524,7 +524,7 @@ class RealDegradation:
     """The real-world degradation model (Real-ESRGAN's second-order pipeline, BSRGAN's shuffle as an option).
 
     A sample is, with probability `clean_fraction`, degraded by the paper's protocol (isotropic Gaussian
-    σ ~ U(0.2, 4), MATLAB bicubic ↓s, 8 bits; SPEC §2 setting 1); otherwise by `first`, then (with
+    σ ~ U(0.2, 4), MATLAB bicubic ↓s, 8 bits; docs/method.md §1 setting 1); otherwise by `first`, then (with
     `second_order_prob`) `second`, then the final stage: resize to H/s × W/s (random mode), then a sinc
     filter (prob `final_sinc_prob`) and JPEG (prob `final_jpeg_prob`, quality `final_jpeg_range`) in
     random order, then 8 bits. The kernel head learns the first-order kernel (docs/method.md explains why). `shuffle` draws a new

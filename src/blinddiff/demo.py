@@ -1,8 +1,8 @@
 """`make demo`: blind ×4 super-resolution of a degraded sample picture, with its estimated kernel.
 
 Runs offline: the picture ships with scikit-image and the default model ships with blinddiff. The HR
-crop is blurred with a Gaussian8 kernel (SPEC §2, Table 1 protocol), MATLAB-bicubic downsampled ×4 and
-quantised; the default model then estimates image and kernel together (SPEC §5), at both ends of the
+crop is blurred with a Gaussian8 kernel (docs/method.md §1, Table 1 protocol), MATLAB-bicubic downsampled ×4 and
+quantised; the default model then estimates image and kernel together (docs/method.md §4), at both ends of the
 perception–distortion trade-off. Writes one PNG: LR | bicubic | fidelity | perceptual | HR, with the GT
 and the estimated kernel, and prints PSNR-Y and LPIPS-VGG (the paper's metrics; LPIPS with the weights
 of `make metric-weights`) and the seconds of each.

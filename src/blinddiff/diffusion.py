@@ -1,4 +1,4 @@
-"""Gaussian diffusion of BlindDiff (SPEC §4): DDPM chain, IDDPM learned-range variance, training loss.
+"""Gaussian diffusion of BlindDiff (docs/method.md §3): DDPM chain, IDDPM learned-range variance, training loss.
 
 The forward process is DDPM's (Ho et al. 2020) with a linear β schedule; the network predicts ε and,
 in "learned range" mode (Nichol & Dhariwal 2021, IDDPM §3.1), one interpolation value v per channel
@@ -43,7 +43,7 @@ _LOG2 = math.log(2.0)
 
 @dataclass
 class DiffusionConfig:
-    """Diffusion and loss settings (SPEC §4, paper Eq. 13). Round-trips through `dataclasses.asdict`."""
+    """Diffusion and loss settings (docs/method.md §3, paper Eq. 13). Round-trips through `dataclasses.asdict`."""
 
     steps: int = 1000
     beta_start: float = 1e-4
@@ -96,7 +96,7 @@ class DiffusionConfig:
 
 
 def linear_betas(steps: int, start: float = 1e-4, end: float = 0.02) -> Tensor:
-    """Linear β schedule of DDPM (SPEC §4), float64 [steps], from `start` to `end` inclusive."""
+    """Linear β schedule of DDPM (docs/method.md §3), float64 [steps], from `start` to `end` inclusive."""
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
     if not 0.0 < start <= end < 1.0:
@@ -227,7 +227,7 @@ def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int],
 
 
 class GaussianDiffusion:
-    """DDPM forward/posterior quantities of one β chain (SPEC §4), possibly respaced.
+    """DDPM forward/posterior quantities of one β chain (docs/method.md §3), possibly respaced.
 
     All tables are float64 CPU tensors; every method computes in float32 or better and returns
     the input's dtype. ``t`` arguments are LongTensors [B] (or a Python int) of indices into THIS
@@ -433,7 +433,7 @@ class GaussianDiffusion:
     def p_mean_variance(
         self, model_output: Tensor, x_t: Tensor, t: Tensor | int, clip_x0: bool = False
     ) -> dict[str, Tensor]:
-        """Mean and variance of p(x_{t−1} | x_t) from the network output [B, 2C or C, …] (SPEC §4).
+        """Mean and variance of p(x_{t−1} | x_t) from the network output [B, 2C or C, …] (docs/method.md §3).
 
         The first C channels are ε̂ (x̂0 when the chain's prediction is "x0"). With learned variance the
         next C channels v are IDDPM's learned

@@ -1,4 +1,4 @@
-"""The evaluation suite: the paper's tables from one command (SPEC §2 "Metrics", §6; paper §4, Fig. 7).
+"""The evaluation suite: the paper's tables from one command (docs/method.md §1 "Metrics", §6; paper §4, Fig. 7).
 
 * :func:`evaluate_results` — score a folder of SR results against a synthetic test set written by
   ``blinddiff make-benchmark`` (``manifest.json``): PSNR/SSIM (Y, ``scale`` border; studio-swing
@@ -189,7 +189,7 @@ def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> dict[str, float]:
 def summarize_set(rows: Sequence[dict], metrics: Sequence[str], suite: MetricSuite, bench: BenchmarkSet,
                   sr_paths: Sequence[Path]) -> dict[str, float]:
     """:func:`summarize`, plus the FID of the SR files ``sr_paths`` (one per row) against their HR images
-    when the suite has it (SPEC §2: FID is over the whole test set)."""
+    when the suite has it (docs/method.md §1: FID is over the whole test set)."""
     summary = summarize(rows, metrics)
     if "fid" in suite.names:
         hr_of = {case["name"]: bench.root / case["hr"] for case in bench.cases}
@@ -853,7 +853,7 @@ def _write_report(out: Path, bench: BenchmarkSet, method_rows: dict[str, list[di
              f"<h1>BlindDiff on {esc(bench.root.name)} (×{bench.scale}, "
              f"{esc(str(bench.manifest.get('protocol', '?')))})</h1>",
              f"<p>{len(method_rows[METHOD])} case(s); sampling: {esc(sampling)}; seed {settings.seed}. "
-             f"PSNR/SSIM on {esc(_LUMA_TEXT[luma])}, with the scale cropped at each border (SPEC §2).</p>",
+             f"PSNR/SSIM on {esc(_LUMA_TEXT[luma])}, with the scale cropped at each border (docs/method.md §1).</p>",
              "<h2>Means</h2>", _html_table(summaries, metrics, "method"),
              f"<details><summary>markdown</summary><pre>{esc(table)}</pre></details>"]
     if plots:

@@ -1,4 +1,4 @@
-"""Blind super-resolution and deblurring with trained weights (SPEC §5): the Python API.
+"""Blind super-resolution and deblurring with trained weights (docs/method.md §4): the Python API.
 
     from blinddiff import BlindDiff
     model = BlindDiff.from_pretrained("fast-x4")           # shipped weights, or a .safetensors path

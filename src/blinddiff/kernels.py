@@ -1,4 +1,4 @@
-"""Blur kernels of the degradation model (SPEC §2): Gaussian, motion, kernel files and kernel PCA.
+"""Blur kernels of the degradation model (docs/method.md §1): Gaussian, motion, kernel files and kernel PCA.
 
 Every kernel is a float32 tensor ``[B, k, k]``, non-negative and summing to 1.  Tap ``[i, j]`` sits at
 the offset ``(x, y) = (j - k//2, i - k//2)``: ``x`` is the horizontal (column) offset growing to the
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 GAUSSIAN8_SIGMAS: tuple[float, ...] = (1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2)
-"""Kernel widths of the Gaussian8 benchmark (SPEC §2, Table 1)."""
+"""Kernel widths of the Gaussian8 benchmark (docs/method.md §1, Table 1)."""
 
 TRAINING_SETTINGS: tuple[str, ...] = ("iso", "aniso", "motion")
 """Names accepted by :func:`sample_training_kernels`: setting 1, setting 2 and motion deblurring."""
@@ -138,12 +138,12 @@ def _resolve_device(device: DeviceLike, *tensors: object) -> torch.device | None
 
 
 # --------------------------------------------------------------------------------------------------
-# Gaussian kernels (SPEC §2, settings 1 and 2)
+# Gaussian kernels (docs/method.md §1, settings 1 and 2)
 # --------------------------------------------------------------------------------------------------
 
 
 def isotropic_gaussian(sigma: float | Tensor, size: int = 21, device: DeviceLike = None) -> Tensor:
-    """Isotropic Gaussian kernels exp(-(x²+y²)/(2σ²)), normalised (SPEC §2, setting 1).
+    """Isotropic Gaussian kernels exp(-(x²+y²)/(2σ²)), normalised (docs/method.md §1, setting 1).
 
     ``sigma`` is a float or a 1-D tensor ``[B]``; returns ``[B, size, size]`` (``B = 1`` for a float).
     Differentiable with respect to a tensor ``sigma``.
@@ -166,7 +166,7 @@ def anisotropic_gaussian(
     generator: torch.Generator | None = None,
     device: DeviceLike = None,
 ) -> Tensor:
-    """Anisotropic Gaussians k ∝ exp(-½ vᵀΣ⁻¹v), Σ = R(θ) diag(σx², σy²) R(θ)ᵀ (SPEC §2, setting 2).
+    """Anisotropic Gaussians k ∝ exp(-½ vᵀΣ⁻¹v), Σ = R(θ) diag(σx², σy²) R(θ)ᵀ (docs/method.md §1, setting 2).
 
     ``v = (x, y)`` is the (column, row) offset: x grows to the right and y downwards, so with θ = 0 the
     kernel has standard deviation σx horizontally and σy vertically, and a positive θ turns the σx axis
@@ -209,7 +209,7 @@ def sample_isotropic(
     device: DeviceLike = None,
     return_params: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Training setting 1: isotropic Gaussians with σ ~ U(sigma_range) (SPEC §2).
+    """Training setting 1: isotropic Gaussians with σ ~ U(sigma_range) (docs/method.md §1).
 
     Returns ``[batch, size, size]``, or ``(kernels, {"sigma": [batch]})`` with ``return_params=True``.
     """
@@ -232,7 +232,7 @@ def sample_anisotropic(
     device: DeviceLike = None,
     return_params: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Training setting 2: σx, σy ~ U(sigma_range) independently, θ ~ U(-π, π), tap noise (SPEC §2).
+    """Training setting 2: σx, σy ~ U(sigma_range) independently, θ ~ U(-π, π), tap noise (docs/method.md §1).
 
     Returns ``[batch, size, size]``, or ``(kernels, {"sigma_x", "sigma_y", "theta"})`` with
     ``return_params=True``.
@@ -255,12 +255,12 @@ def sample_anisotropic(
 
 
 def gaussian8(size: int = 21, device: DeviceLike = None) -> Tensor:
-    """The eight isotropic kernels ``[8, k, k]`` of the Gaussian8 benchmark, σ = 1.8 … 3.2 (SPEC §2, Table 1)."""
+    """The eight isotropic kernels ``[8, k, k]`` of the Gaussian8 benchmark, σ = 1.8 … 3.2 (docs/method.md §1, Table 1)."""
     return isotropic_gaussian(torch.tensor(GAUSSIAN8_SIGMAS, device=device), size)
 
 
 # --------------------------------------------------------------------------------------------------
-# Motion kernels (SPEC §2, deblurring extension as in BlindDPS)
+# Motion kernels (docs/method.md §1, deblurring extension as in BlindDPS)
 # --------------------------------------------------------------------------------------------------
 
 _MOTION_EPS = 0.1  # the reference generator's offset on step length and angle range
@@ -454,7 +454,7 @@ def motion_blur(
     generator: torch.Generator | None = None,
     device: DeviceLike = None,
 ) -> Tensor:
-    """Random camera-shake kernels ``[batch, size, size]`` (SPEC §2, motion deblurring as in BlindDPS).
+    """Random camera-shake kernels ``[batch, size, size]`` (docs/method.md §1, motion deblurring as in BlindDPS).
 
     Follows the recipe of the public "motionblur" generator (Borodenko) that BlindDPS uses: on a 2×
     supersampled canvas, a trajectory of random steps whose total length and direction changes grow
@@ -687,12 +687,12 @@ def load_kernel(path: str | os.PathLike, index: int = 0) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernel PCA (the paper's reduced kernel code, SPEC §3)
+# Kernel PCA (the paper's reduced kernel code, docs/method.md §2)
 # --------------------------------------------------------------------------------------------------
 
 
 class KernelPCA(nn.Module):
-    """Linear kernel code: ``code = (k - mean) · Vᵀ`` with the top principal directions V (SPEC §3).
+    """Linear kernel code: ``code = (k - mean) · Vᵀ`` with the top principal directions V (docs/method.md §2).
 
     Buffers: ``mean [k, k]`` and ``components [L, k·k]`` (orthonormal rows), so ``state_dict()`` is a
     plain tensor dict (safetensors-friendly) and ``.to(device)`` moves it like any module.
@@ -865,7 +865,7 @@ def sample_training_kernels(
     setting: str, batch: int, size: int = 21, generator: torch.Generator | None = None, device: DeviceLike = None
 ) -> Tensor:
     """``[batch, size, size]`` kernels of a training setting: ``"iso"`` (setting 1), ``"aniso"`` (setting 2)
-    or ``"motion"`` (intensity 0.5), with the paper's parameter ranges (SPEC §2)."""
+    or ``"motion"`` (intensity 0.5), with the paper's parameter ranges (docs/method.md §1)."""
     if setting == "iso":
         return sample_isotropic(batch, size, generator=generator, device=device)
     if setting == "aniso":

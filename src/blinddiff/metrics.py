@@ -1,4 +1,4 @@
-"""Evaluation metrics of BlindDiff, computed as the paper's numbers are (SPEC §2 "Metrics", §6).
+"""Evaluation metrics of BlindDiff, computed as the paper's numbers are (docs/method.md §1 "Metrics", §6).
 
 * **PSNR / SSIM** — exactly the BasicSR convention (``calculate_psnr`` / ``calculate_ssim`` with
   ``crop_border=scale``, ``test_y_channel=True``): the images are first rounded to uint8 (as when
@@ -8,7 +8,7 @@
   over channels when RGB). BasicSR evaluates Y in float32 and we do it in float64; the two agree
   to ~1e-5 dB. ``luma="full"`` uses full-range luma 0.299 R + 0.587 G + 0.114 B (0…255) instead:
   the published "Bicubic" rows of the blind-SR tables (IKC, copied by DAN, DCLS, BlindDiff) are on
-  that scale, 20·log10(255/219) = 1.32 dB below studio-swing Y for the same images (SPEC §9).
+  that scale, 20·log10(255/219) = 1.32 dB below studio-swing Y for the same images (docs/method.md §5).
 * **NIQE** — no-reference quality (Mittal et al. 2013) in BasicSR's MATLAB-faithful formulation,
   with the pristine model read from a parameter file given by path.
 * **LPIPS / DISTS** — computed by the pretrained networks of ``blinddiff.perceptual``.
@@ -158,7 +158,7 @@ def crop_border(images: Tensor, crop: int) -> Tensor:
 
 
 def rgb_to_y(images: Tensor, *, data_range: float = 1.0, luma: str = "studio") -> Tensor:
-    """Y of ITU-R BT.601 YCbCr as MATLAB's ``rgb2ycbcr`` (SPEC §2 Metrics), unrounded.
+    """Y of ITU-R BT.601 YCbCr as MATLAB's ``rgb2ycbcr`` (docs/method.md §5), unrounded.
 
     ``images`` [..., 3, H, W] floating RGB in [0, ``data_range``] → [..., 1, H, W] on the same
     scale: with r, g, b = RGB / data_range, Y = (16 + 65.481 r + 128.553 g + 24.966 b) / 255 ·
@@ -195,7 +195,7 @@ def _prepare_pair(sr: ImageLike, hr: ImageLike, crop: int, y_channel: bool, luma
 
 
 # --------------------------------------------------------------------------------------------
-# PSNR and SSIM (SPEC §2 Metrics: uint8, Y channel, `scale` pixels cropped)
+# PSNR and SSIM (docs/method.md §5: uint8, Y channel, `scale` pixels cropped)
 # --------------------------------------------------------------------------------------------
 
 
@@ -445,7 +445,7 @@ def niqe(images: ImageLike, params_path: str | os.PathLike, *, crop: int = 0,
 
 
 # --------------------------------------------------------------------------------------------
-# FID (SPEC §2 Metrics: InceptionV3 pool features of the whole test set vs its HR images)
+# FID (docs/method.md §5: InceptionV3 pool features of the whole test set vs its HR images)
 # --------------------------------------------------------------------------------------------
 
 
@@ -559,7 +559,7 @@ def fid_from_images(sr_images: ImageLike | Iterable[ImageLike],
                     hr_images: ImageLike | Iterable[ImageLike], *,
                     inception_weights: str | os.PathLike,
                     device: torch.device | str | None = None, batch_size: int = 16) -> float:
-    """FID between two image sets (SPEC §2 Metrics) with pytorch_fid's InceptionV3.
+    """FID between two image sets (docs/method.md §5) with pytorch_fid's InceptionV3.
 
     Each set is a tensor/array batch or an iterable of images or batches of any size (images
     are rounded to uint8 like saved PNGs; pytorch_fid resizes them to 299² itself).
@@ -588,7 +588,7 @@ def fid_from_images(sr_images: ImageLike | Iterable[ImageLike],
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel accuracy (SPEC §2 Metrics, Fig. 7: kernel L1 and "LR PSNR")
+# Kernel accuracy (docs/method.md §5, Fig. 7: kernel L1 and "LR PSNR")
 # --------------------------------------------------------------------------------------------
 
 
@@ -636,7 +636,7 @@ def lr_psnr(hr: Tensor, estimated_kernel: Tensor, gt_kernel: Tensor, scale: int,
     """"LR PSNR" of Fig. 7b per image [B]: PSNR between degrade(hr, k̂) and degrade(hr, k).
 
     ``hr`` [B, C, H, W] in [0, 1]; kernels [B, k, k] or [k, k] (any, possibly different sizes).
-    Both LR images go through the full degradation of SPEC §2 (reflect-pad blur, ↓``scale``
+    Both LR images go through the full degradation of docs/method.md §1 (reflect-pad blur, ↓``scale``
     with ``downsample``, uint8 rounding) and are compared as :func:`psnr` does, on Y by default
     (``y_channel=False``: RGB; ``luma`` as there), with no border crop. inf when the kernels give
     the same LR.
@@ -759,7 +759,7 @@ class MetricSuite:
     def score(self, sr: np.ndarray, hr: np.ndarray, *, scale: int, downsample: str,
               kernel: np.ndarray | None = None, gt_kernel: np.ndarray | None = None,
               names: Sequence[str] | None = None) -> dict[str, float]:
-        """Per-image metrics (SPEC §2 Metrics) of a uint8 SR [H, W, 3] against its HR."""
+        """Per-image metrics (docs/method.md §5) of a uint8 SR [H, W, 3] against its HR."""
         names = tuple(self.image_metrics if names is None else names)
         return evaluate_pair(sr, hr, scale=scale, metrics=names, networks=self.networks, luma=self.luma,
                              niqe_params=self.niqe_params, downsample=downsample,
@@ -860,7 +860,7 @@ def build_metric_suite(metrics: str | Sequence[str] | None = None, *, lpips_back
 
 
 def set_fid(suite: MetricSuite, sr_paths: Sequence[Path], hr_paths: Sequence[Path]) -> float | None:
-    """FID of the SR images against the HR of each case (SPEC §2: over the whole test set)."""
+    """FID of the SR images against the HR of each case (docs/method.md §1: over the whole test set)."""
     if suite.fid_weights is None or len(sr_paths) < 2:
         return None
     return fid_from_images((read_rgb(p) for p in sr_paths), (read_rgb(p) for p in hr_paths),

@@ -1,6 +1,6 @@
-"""MCFormer: the kernel-modulated denoising transformer of BlindDiff (SPEC §3).
+"""MCFormer: the kernel-modulated denoising transformer of BlindDiff (docs/method.md §2).
 
-One network does two jobs at every reverse step t (SPEC §1, §5):
+One network does two jobs at every reverse step t (docs/method.md §4):
   * a small CNN estimates the blur kernel k̂_t from (x_t, bicubic↑y);
   * a Restormer-style U-shaped transformer predicts ε (and the learned-variance
     interpolation value v) from concat(x_t, ↑y), with every block modulated by
@@ -14,7 +14,7 @@ matrix products, depth-wise 3×3 and cosine attention with cheap backwards) come
 "Fast paths".
 
 Parameter count of the paper preset (``MCFormerConfig()``): 26,509,267, exactly the
-authors' release (SPEC §3), as ``MCFormer.parameter_groups()`` reports it:
+authors' release (docs/method.md §2), as ``MCFormer.parameter_groups()`` reports it:
 
 ================  ==========  ===========================================================
 part              parameters  made of
@@ -60,7 +60,7 @@ _RESIDUALS = ("x_t", "lr")
 
 @dataclass
 class MCFormerConfig:
-    """Hyper-parameters of MCFormer; the defaults are the paper preset (SPEC §3)."""
+    """Hyper-parameters of MCFormer; the defaults are the paper preset (docs/method.md §2)."""
 
     channels: int = 3
     width: int = 48  # C at level 1
@@ -160,7 +160,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 class ModulatedLayerNorm(nn.Module):
-    """Channel LayerNorm (Restormer "WithBias") followed by the kernel modulation (SPEC §3):
+    """Channel LayerNorm (Restormer "WithBias") followed by the kernel modulation (docs/method.md §2):
     ``y = (w·x̂ + b)·(1 + scale) + shift``, x̂ = (x − mean) / √(var + eps) over the channels of each pixel.
 
     How it runs: the LayerNorm affine (w, b) and the per-sample modulation are folded into one per-sample
@@ -198,7 +198,7 @@ class ModulatedLayerNorm(nn.Module):
 
 
 class TransposedAttention(nn.Module):
-    """MDTA (Restormer): attention across channels, so cost is linear in H·W (SPEC §3).
+    """MDTA (Restormer): attention across channels, so cost is linear in H·W (docs/method.md §2).
 
     ``y = project_out(softmax(T·q̂k̂ᵀ)·v)`` for each head, with (q, k, v) = dwconv3×3(qkv(x)) split in
     thirds, a head's c = d/heads channels taken as rows of length H·W, q̂ and k̂ those rows L2-normalised,
@@ -274,7 +274,7 @@ class GatedFeedForward(nn.Module):
 
 
 class ModulatedTransformerBlock(nn.Module):
-    """x += MDTA(mod(LN(x))); x += GDFN(mod(LN(x))), with (shift, scale) from c (SPEC §3).
+    """x += MDTA(mod(LN(x))); x += GDFN(mod(LN(x))), with (shift, scale) from c (docs/method.md §2).
 
     ``cond`` is Mish(c) [B, cond_dim], computed once per forward by the network (the release
     applies Mish inside every block; same result).
@@ -314,7 +314,7 @@ class BlockStack(nn.ModuleList):
 
 
 class KernelEstimator(nn.Module):
-    """Kernel-estimator trunk on concat(x_t, ↑y) (SPEC §3): ``depth`` conv5×5 + LeakyReLU(0.2) layers
+    """Kernel-estimator trunk on concat(x_t, ↑y) (docs/method.md §2): ``depth`` conv5×5 + LeakyReLU(0.2) layers
     (one with stride 2, as the release), global average pooling, 1×1 projection.
 
     Returns the raw head output [B, outputs]: k·k logits (``"full"`` head) or a PCA code
@@ -357,7 +357,7 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 1e4) -> Tensor
 
 
 class TimestepEmbedding(nn.Module):
-    """Sinusoidal features → Linear → Mish → Linear to width C (SPEC §3)."""
+    """Sinusoidal features → Linear → Mish → Linear to width C (docs/method.md §2)."""
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
@@ -369,7 +369,7 @@ class TimestepEmbedding(nn.Module):
 
 
 class KernelEmbedding(nn.Module):
-    """Flattened kernel → Linear(k·k→C) → Mish → Linear(C→C) (SPEC §3)."""
+    """Flattened kernel → Linear(k·k→C) → Mish → Linear(C→C) (docs/method.md §2)."""
 
     def __init__(self, kernel_size: int, width: int) -> None:
         super().__init__()
@@ -404,7 +404,7 @@ class Upsample(nn.Sequential):
 
 
 class MCFormer(nn.Module):
-    """Kernel-modulated Restormer predicting (ε, v) and the blur kernel k̂_t (SPEC §3)."""
+    """Kernel-modulated Restormer predicting (ε, v) and the blur kernel k̂_t (docs/method.md §2)."""
 
     def __init__(self, cfg: MCFormerConfig | None = None) -> None:
         super().__init__()
@@ -606,7 +606,7 @@ def describe_complexity(cfg: MCFormerConfig, hr_size: int, scale: int = 4) -> di
 # reshapes become free views (paper preset, 128×128, 2 CPU cores: 0.26 s per forward vs 0.32 s
 # for the same network in NCHW).
 #
-# Backward: every guided reverse step back-propagates E to x_t through the whole network (SPEC §5),
+# Backward: every guided reverse step back-propagates E to x_t through the whole network (docs/method.md §4),
 # so the blocks are also written for a cheap input-only backward (frozen weights): no chunk/unbind
 # whose backward concatenates (q, k, v and the GDFN halves come from weight slices), hand-written
 # backwards for the cosine attention and the depth-wise convolutions (which then keep no input),

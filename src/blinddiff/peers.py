@@ -1,4 +1,4 @@
-"""Peer methods as benchmark baselines (issue 9, SPEC §9): Real-ESRGAN, RealSR and SRMD on the CPU for ×4,
+"""Peer methods as benchmark baselines (docs/method.md §5): Real-ESRGAN, RealSR and SRMD on the CPU for ×4,
 classical non-blind deconvolution for deblurring (scale 1).
 
 The three run through the ``ncnn`` runtime (its CPU wheel) from the model files shipped in index
@@ -334,7 +334,7 @@ def _odd_kernels(kernels: torch.Tensor) -> torch.Tensor:
 
 def richardson_lucy(blurry: torch.Tensor, kernels: torch.Tensor, iterations: int = RL_ITERATIONS) -> torch.Tensor:
     """Richardson–Lucy deconvolution (Richardson 1972, Lucy 1974) of [B, C, H, W] in [0, 1] with kernels
-    [B, k, k] (blinddiff's blur, SPEC §2): x ← x · Kᵀ(y / Kx), started from y; clamped to [0, 1]."""
+    [B, k, k] (blinddiff's blur, docs/method.md §1): x ← x · Kᵀ(y / Kx), started from y; clamped to [0, 1]."""
     from .degradation import blur
 
     kernels = _odd_kernels(kernels.to(blurry))

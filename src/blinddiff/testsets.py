@@ -1,4 +1,4 @@
-"""Synthetic test sets with known kernels (SPEC §2: the Gaussian8 benchmark of Table 1, the anisotropic
+"""Synthetic test sets with known kernels (docs/method.md §1: the Gaussian8 benchmark of Table 1, the anisotropic
 setting of Table 2, motion-blur deblurring of Table 5, real camera shake of Levin et al. 2009) and
 one-off degradation of single images.
 
@@ -59,7 +59,7 @@ def file_protocol(protocol: str) -> str | None:
 
 
 def default_kernel_size(kind: str, kernel_size: int | None) -> int | None:
-    """The kernel size asked for (checked), else 64 for motion blur (BlindDPS) and 21 for Gaussians (SPEC §2);
+    """The kernel size asked for (checked), else 64 for motion blur (BlindDPS) and 21 for Gaussians (docs/method.md §1);
     None for kernels read from a file, which keep their own sizes."""
     if file_protocol(kind) is not None:
         if kernel_size is not None:
@@ -77,7 +77,7 @@ def default_kernel_size(kind: str, kernel_size: int | None) -> int | None:
 def file_kernels(path: str, convolution: bool) -> list[torch.Tensor]:
     """The kernels of a file ([k, k] each, own sizes). `convolution`: the file holds convolution kernels (as
     Levin's, whose blurred images were made with conv2); they are rotated by 180° so that blinddiff's
-    correlation (SPEC §2) gives the same blur (up to the centre of even kernels)."""
+    correlation (docs/method.md §1) gives the same blur (up to the centre of even kernels)."""
     kernels = load_kernels(expand_path(path))
     return [torch.flip(k, (0, 1)) for k in kernels] if convolution else kernels
 
@@ -348,7 +348,7 @@ def degrade_files(inputs: list[str], out: str | Path, scale: int, kernel_spec: s
                   log: Callable[[str], None] = print) -> list[str]:
     """Degrade single images: writes `<stem>.png` (LR) and `<stem>_kernel.npy` per input; returns problems.
 
-    `pipeline="paper"`: blur with `kernel_spec`, downsample, noise (SPEC §2). `pipeline="real"`: the
+    `pipeline="paper"`: blur with `kernel_spec`, downsample, noise (docs/method.md §1). `pipeline="real"`: the
     real-world chain (`degrade_real_image`) with the `data.real` settings of `real_config` (a preset or
     YAML file; default `real_test_degradation`); `<stem>_degradation.json` records its noise σ."""
     check_degradation_args(scale, downsample, noise)

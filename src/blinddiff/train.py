@@ -1,4 +1,4 @@
-"""Training MCFormer (SPEC §4, paper Eq. 13): one flat loop, from a laptop CPU to torchrun DDP clusters.
+"""Training MCFormer (docs/method.md §3, paper Eq. 13): one flat loop, from a laptop CPU to torchrun DDP clusters.
 
 Every source of randomness is derived from (seed, step, rank) or (seed, epoch, index): the batch a
 step sees does not depend on what ran before it, so `--resume` after any interruption (even `kill -9`)
@@ -81,7 +81,7 @@ def build_model(cfg: Config) -> MCFormer:
 
 
 class EMA:
-    """Exponential moving average of the (unwrapped) model's parameters (SPEC §4: decay 0.999).
+    """Exponential moving average of the (unwrapped) model's parameters (docs/method.md §3: decay 0.999).
 
     The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates n, so short runs do not
     export weights that are still mostly the random initialisation.
@@ -101,7 +101,7 @@ class EMA:
 
 
 def lr_factor(step: int, cfg: Config) -> float:
-    """Linear warm-up, then ×gamma at every milestone passed (SPEC §4: halve every 100 k iterations)."""
+    """Linear warm-up, then ×gamma at every milestone passed (docs/method.md §3: halve every 100 k iterations)."""
     warm = min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else 1.0
     return warm * cfg.train.lr_gamma ** bisect.bisect_right(cfg.train.lr_milestones, step)
 
