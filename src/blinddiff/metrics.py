@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from .checkpoint import unreadable_torch_file
 from .degradation import check_scale, degrade, matlab_bicubic_resize
 from .fileio import read_rgb
+from .perceptual import PERCEPTUAL_METRICS, check_crop, crop_border
 
 if TYPE_CHECKING:
     from .perceptual import DISTS, LPIPS
@@ -77,9 +78,6 @@ ImageLike = Tensor | np.ndarray
 METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "dists", "niqe", "piqe",
                                   "kernel_l1", "lr_psnr")
 """Names accepted by :func:`evaluate_pair`."""
-
-PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips_vgg", "lpips_alex", "dists")
-"""Metrics computed by a pretrained network (``blinddiff.perceptual``)."""
 
 # BT.601 luma on 0…255 for RGB in [0, 1] as (offset, weights). "studio" ("MATLAB rgb2ycbcr", the
 # paper's tables): Y = 16 + 65.481 R + 128.553 G + 24.966 B ∈ [16, 235]; "full": 255 · (0.299 R
@@ -139,22 +137,6 @@ def _to_levels(images: ImageLike, name: str = "images") -> Tensor:
     if tensor.dtype not in (torch.float32, torch.float64):
         tensor = tensor.float()
     return torch.round(tensor.clamp(0, 1) * 255).to(torch.float64)
-
-
-def check_crop(crop: object, height: int, width: int, minimum: int = 1) -> int:
-    if isinstance(crop, bool) or not isinstance(crop, numbers.Integral) or crop < 0:
-        raise ValueError(f"crop {crop!r} is invalid; use an integer ≥ 0 (the scale, for the paper)")
-    crop = int(crop)
-    if min(height, width) - 2 * crop < minimum:
-        raise ValueError(f"crop {crop} leaves less than {minimum} pixel(s) of a {height}×{width} "
-                         f"image; use a smaller crop or larger images")
-    return crop
-
-
-def crop_border(images: Tensor, crop: int) -> Tensor:
-    if not crop:
-        return images
-    return images[..., crop:images.shape[-2] - crop, crop:images.shape[-1] - crop]
 
 
 def rgb_to_y(images: Tensor, *, data_range: float = 1.0, luma: str = "studio") -> Tensor:
@@ -768,7 +750,7 @@ class MetricSuite:
 
 
 def _installed(name: str) -> bool:
-    from .perceptual import installed_weights  # perceptual builds on this module's image helpers
+    from .perceptual import installed_weights
 
     try:
         installed_weights(name)  # type: ignore[arg-type]
@@ -802,7 +784,7 @@ def build_metric_suite(metrics: str | Sequence[str] | None = None, *, lpips_back
     metric-weights``; ``lpips_backbone`` + ``lpips_linear`` (torchvision and official LPIPS files)
     replace them for ``lpips_<lpips_net>``. NIQE and FID need their local files.
     """
-    from .perceptual import LPIPS, load_perceptual  # perceptual builds on this module's image helpers
+    from .perceptual import LPIPS, load_perceptual
 
     if lpips_net not in ("vgg", "alex"):
         raise ValueError(f"--lpips-net {lpips_net!r} is invalid; use vgg (the paper's) or alex")

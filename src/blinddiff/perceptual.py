@@ -13,6 +13,7 @@ Both take ``(sr, hr, crop=…)`` float tensors in [0, 1] and return one distance
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 import pickle
 import re
@@ -25,7 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import PERCEPTUAL_METRICS, check_crop, crop_border
+PERCEPTUAL_METRICS: tuple[str, ...] = ("lpips_vgg", "lpips_alex", "dists")
+"""Metrics computed by a pretrained network (this module)."""
+
+
+def check_crop(crop: object, height: int, width: int, minimum: int = 1) -> int:
+    """The border crop of every metric (the scale, for the paper), checked against the image size."""
+    if isinstance(crop, bool) or not isinstance(crop, numbers.Integral) or crop < 0:
+        raise ValueError(f"crop {crop!r} is invalid; use an integer ≥ 0 (the scale, for the paper)")
+    crop = int(crop)
+    if min(height, width) - 2 * crop < minimum:
+        raise ValueError(f"crop {crop} leaves less than {minimum} pixel(s) of a {height}×{width} "
+                         f"image; use a smaller crop or larger images")
+    return crop
+
+
+def crop_border(images: Tensor, crop: int) -> Tensor:
+    """`crop` pixels removed at every border of [..., H, W]."""
+    if not crop:
+        return images
+    return images[..., crop:images.shape[-2] - crop, crop:images.shape[-1] - crop]
+
 
 __all__ = ["DISTS", "LPIPS", "METRIC_WEIGHTS_COMMAND", "installed_weights", "load_perceptual", "read_flax_checkpoint"]
 
