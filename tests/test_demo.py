@@ -15,11 +15,13 @@ def test_demo_writes_the_comparison_picture(weights: Path, tmp_path: Path, capsy
     Image.fromarray(sample_rgb(24, 32)).save(tmp_path / "photo.png")
     assert main(["--weights", str(weights), "--size", "64", "--out", str(tmp_path / "demo"),
                  "--real", str(tmp_path / "photo.png")]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     lines = [line for line in printed.splitlines() if "PSNR-Y" in line]
     assert [line.split()[0] for line in lines] == ["perceptual:", "fidelity:", "bicubic:"]
-    if metric_weights_installed("vgg"):  # by `make metric-weights`: LPIPS-VGG is printed too
-        assert all("LPIPS-VGG 0." in line for line in lines)
+    # LPIPS-VGG is printed with weights (`make metric-weights`); without them the demo says why it is not
+    assert all(("LPIPS-VGG 0." in line) == metric_weights_installed("vgg") for line in lines)
+    assert ("no LPIPS" in captured.err) != metric_weights_installed("vgg")
     picture = Image.open(tmp_path / "demo" / "demo.png")
     assert picture.height == 64 and picture.width > 5 * 64  # LR | bicubic | fidelity | perceptual | HR | kernels
     real = Image.open(tmp_path / "demo" / "demo_real.png")  # LR | bicubic | ours | kernel, at ×4
