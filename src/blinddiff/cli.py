@@ -191,6 +191,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return report(problems, args, processed=len(written))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.weights, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def add_metric_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
     """The metric suite's options shared by `evaluate` and `benchmark`."""
     from .metrics import ALL_METRICS, LUMA
@@ -428,6 +435,20 @@ def add_deblur_arguments(parser: argparse.ArgumentParser) -> None:
     add_upscale_arguments(parser, DEFAULT_DEBLUR_WEIGHTS)
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .serve import DEFAULT_HOST, DEFAULT_PORT
+
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 opens it "
+                             "to the network)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    parser.add_argument("--weights", action="append", default=None, metavar="NAME_OR_FILE",
+                        help="a shipped model name or a .safetensors file to offer (repeatable; default: every "
+                             "shipped model, fast-x4 first)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.set_defaults(run=cmd_serve)
+
+
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="preset name or YAML file")
     parser.add_argument("--size", type=int, default=None, help="HR size H of the H×H forward (default: data.crop)")
@@ -496,6 +517,9 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "models": ("the shipped models: setting, scale, size, sha256, sampling defaults",
                "List the models that ship with the package (pass a name to --weights); each is checked against "
                "its recorded sha256.", add_models_arguments),
+    "serve": ("a web UI in the browser (Gradio, on 127.0.0.1:7860)",
+              "Serve a local web page: upload a photo, pick model, mode, steps and seed, compare with bicubic, see "
+              "the estimated kernel and noise level, download the result (README, Web UI).", add_serve_arguments),
     "info": ("parameters and GFLOPs of a config's network",
              "Parameter counts (total and per part) and GFLOPs of one forward.", add_info_arguments),
     "evaluate": ("score SR results of a test set (PSNR/SSIM/LPIPS/DISTS/NIQE/FID/kernels)",
