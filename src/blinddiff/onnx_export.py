@@ -43,10 +43,11 @@ from .sampling import sampling_chain
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["NOISE_SOURCES", "FidelityStep", "draw_noise_in_graph", "export_onnx", "min_input_size", "name_output_axes"]
+__all__ = ["NOISE_SOURCES", "FidelityStep", "draw_noise_in_graph", "export_onnx", "min_input_size",
+           "name_output_axes"]
 
 NOISE_SOURCES = ("graph", "input")
-OPSET = 18  # onnxruntime ≥ 1.14, TensorRT ≥ 8.6
+OPSET = 18  # has every operator used (LayerNormalization, Mish, …) without asking for the newest runtimes
 INSTALL_HINT = "pip install blinddiff[onnx]"
 
 
