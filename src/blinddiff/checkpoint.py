@@ -118,12 +118,12 @@ EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 
 def export_weights(source: str | Path, out: str | Path, dtype: str = "fp32") -> int:
-    """Write the EMA weights (the plain weights when there is no EMA) of a weights file or a checkpoint's
-    ``.index.json`` as one safetensors file with its config, floating tensors cast to `dtype` (fp16 halves
-    the size for shipping; loading casts back to fp32). Returns the size in bytes."""
+    """Write the EMA weights (the plain weights when there is no EMA) of shipped weights (by name), a weights
+    file or a checkpoint's ``.index.json`` as one safetensors file with its config, floating tensors cast to
+    `dtype` (fp16 halves the size for shipping; loading casts back to fp32). Returns the size in bytes."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(EXPORT_DTYPES)}")
-    tensors, cfg, metadata = load_weights(source)
+    tensors, cfg, metadata = load_weights(resolve_weights(source))
     weights = prefixed(tensors, "ema.") or {k: v for k, v in tensors.items() if not k.startswith("model.")}
     if not weights:
         raise ValueError(f"{source} holds no network weights")

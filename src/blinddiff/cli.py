@@ -96,12 +96,26 @@ TIME_BOX_EXIT = 75  # EX_TEMPFAIL: the time box ended the call, run it again (wi
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_weights
+    from .checkpoint import export_weights, resolve_weights
 
-    if Path(args.out).resolve() == Path(args.weights).resolve():
+    if args.format == "onnx" and args.dtype is not None:
+        raise ValueError(f"--dtype {args.dtype} applies to --format safetensors; the ONNX graph is float32")
+    if args.format == "safetensors" and args.noise is not None:
+        raise ValueError(f"--noise {args.noise} applies to --format onnx; leave it out for safetensors")
+    if Path(args.out).resolve() == resolve_weights(args.weights).resolve():
         raise ValueError(f"--out {args.out} is the input; choose another file name")
-    size = export_weights(args.weights, args.out, args.dtype)
-    print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {args.dtype})")
+    if args.format == "onnx":
+        from .onnx_export import export_onnx
+
+        noise = args.noise or "graph"
+        print(f"exporting the fidelity mode of {args.weights} to ONNX (a minute or more on a CPU) …", file=sys.stderr)
+        size = export_onnx(args.weights, args.out, noise=noise)
+        print(f"wrote {args.out} ({size / 2**20:.1f} MiB, ONNX, fidelity mode, noise drawn "
+              f"{'in the graph' if noise == 'graph' else 'by the caller (input noise)'})")
+        return 0
+    dtype = args.dtype or "fp32"
+    size = export_weights(args.weights, args.out, dtype)
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB, {dtype})")
     return 0
 
 
@@ -406,10 +420,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     from .checkpoint import EXPORT_DTYPES
 
-    parser.add_argument("weights", help="weights.safetensors or checkpoints/step_XXXXXXXX.index.json")
-    parser.add_argument("--out", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="fp32",
-                        help="precision of the stored tensors (fp16: half the size, for shipping)")
+    parser.add_argument("weights", help="a shipped model name (fast-x4), weights.safetensors or "
+                                        "checkpoints/step_XXXXXXXX.index.json")
+    parser.add_argument("--out", required=True, help="the .safetensors (or, with --format onnx, .onnx) file to write")
+    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                        help="safetensors: the EMA weights with their config; onnx: the fidelity mode as one graph, "
+                             "image N×3×H×W in [0, 1] → result N×3×sH×sW and kernel N×k×k (needs blinddiff[onnx])")
+    parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default=None,
+                        help="safetensors: precision of the stored tensors (default fp32; fp16: half the size, for "
+                             "shipping)")
+    parser.add_argument("--noise", choices=("graph", "input"), default=None,
+                        help="onnx: draw the fidelity step's x_T inside the graph (default: one input, a fresh draw "
+                             "each run) or take it as a second input `noise` N×3×sH×sW (reproduces `upscale --seed`)")
     parser.set_defaults(run=cmd_export)
 
 
@@ -506,9 +528,10 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                 "Degrade images with a given or random kernel; writes LR and kernel.", add_degrade_arguments),
     "train": ("train MCFormer (single process or under torchrun)",
               "Train MCFormer; the same command runs under torchrun for DDP.", add_train_arguments),
-    "export": ("EMA weights of a run or checkpoint as one file",
-               "Write the EMA weights of a weights file or a checkpoint's .index.json as one .safetensors file "
-               "with its config.", add_export_arguments),
+    "export": ("EMA weights of a run or checkpoint as one file, or a model as ONNX",
+               "Write the EMA weights of a shipped model, a weights file or a checkpoint's .index.json as one "
+               ".safetensors file with its config, or (--format onnx) its fidelity mode as an ONNX graph.",
+               add_export_arguments),
     "upscale": ("blind super-resolution of images (MAP reverse process)",
                 "Blind SR: estimates the kernel and the HR image together (docs/method.md §4).", add_upscale_arguments),
     "deblur": ("blind deblurring with a scale-1 model",

@@ -32,7 +32,6 @@ __all__ = [
     "kernel_loss",
     "linear_betas",
     "normal_kl",
-    "per_image_noise",
     "space_timesteps",
 ]
 
@@ -213,17 +212,6 @@ def _float_at_least_32(*dtypes: torch.dtype) -> torch.dtype:
     for d in dtypes:
         dtype = torch.promote_types(dtype, d)
     return dtype
-
-
-def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device,
-                    dtype: torch.dtype) -> Tensor:
-    """N(0, I) [B, *shape]: image b drawn from generators[b] (float32 on the generator's device), then moved, so
-    a seed gives the same noise whatever the batch and the device."""
-    draws = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
-    return torch.stack([d.to(device) for d in draws]).to(dtype)
-
-
-# --------------------------------------------------------------------------- the chain
 
 
 class GaussianDiffusion:

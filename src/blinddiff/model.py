@@ -476,10 +476,15 @@ class MCFormer(nn.Module):
         [B, 2C·p², H'/p, W'/p] in channels-last memory, the input of the kernel estimator and the backbone."""
         h, w = x_t.shape[-2:]
         m = self.cfg.size_multiple
-        pad_h, pad_w = -h % m, -w % m
+        # the padded size written as m·⌈H/m⌉ with non-negative operands, so that an exporter's symbolic shapes
+        # see a multiple of m and its integer division (ONNX Div truncates) is exact
+        pad_h, pad_w = (h + m - 1) // m * m - h, (w + m - 1) // m * m - w
         x = torch.cat([x_t, lr_up], dim=1)  # [B, 2C, H, W]
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        # An exported graph serves every size, so it always pads (by 0 on a multiple) and reflects (its inputs
+        # are at least one multiple wide: `onnx_export.min_input_size`).
+        exporting = torch.compiler.is_exporting()
+        if pad_h or pad_w or exporting:
+            mode = "reflect" if exporting or (pad_h < h and pad_w < w) else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)  # [B, 2C, H', W']
         if self.cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, self.cfg.patch_size)  # [B, 2C·p², H'/p, W'/p]
