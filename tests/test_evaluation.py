@@ -384,7 +384,10 @@ def test_two_process_gloo_benchmark_equals_single_process(run_folder: Path, benc
 
 
 def assert_close(a: object, b: object, where: str) -> None:
-    """Same structure, same strings, floats equal to 1e-6 relative."""
+    """Same structure, same strings, floats equal to 1e-4 relative or 1e-5 absolute.
+
+    A case upscaled in a batch of another size sums in another order, and the guided steps amplify that to
+    the sixth digit; a case given the wrong seed or another rank's image differs by orders of magnitude more."""
     if isinstance(b, dict):
         assert isinstance(a, dict) and a.keys() == b.keys(), where
         for key in b:
@@ -394,7 +397,7 @@ def assert_close(a: object, b: object, where: str) -> None:
         for index, (x, y) in enumerate(zip(a, b)):
             assert_close(x, y, f"{where}[{index}]")
     elif isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-6), where
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), where
     else:
         assert a == b, where
 
