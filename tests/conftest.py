@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,23 @@ def one_image_testset(tmp_path: Path, name: str, protocol: str, scale: int, kern
         Image.fromarray(sample_rgb(32, 32)).save(hr / "a.png")
     build_testset(hr, tmp_path / name, protocol, scale, kernel_size=kernel_size, log=lambda message: None)
     return tmp_path / name
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run benchmarks/<name> as `python benchmarks/<name> args…` → its exit status."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/<name>` does: finds timing.py
+    try:
+        runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # as the interpreter does: the message to stderr, status 1
+            print(exit_.code, file=sys.stderr)
+            return 1
+        return int(exit_.code or 0)
+    return 0
 
 
 def run_cli(*argv: str) -> int:

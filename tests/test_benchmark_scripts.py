@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import json
 import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_image_testset, peers_installed, run_cli, sample_rgb, write_niqe_params
+from conftest import one_image_testset, peers_installed, run_cli, run_script, sample_rgb, write_niqe_params
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run benchmarks/<name> as `python benchmarks/<name> args…` → its exit status."""
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as `python benchmarks/<name>` does: finds timing.py
-    try:
-        runpy.run_path(str(REPO / "benchmarks" / name), run_name="__main__")
-    except SystemExit as exit_:
-        if isinstance(exit_.code, str):  # as the interpreter does: the message to stderr, status 1
-            print(exit_.code, file=sys.stderr)
-            return 1
-        return int(exit_.code or 0)
-    return 0
 
 
 def test_sampler_sweep_runs_one_factor_at_a_time(weights: Path, tmp_path: Path,

@@ -14,6 +14,7 @@ import torch
 
 from blinddiff.cli import main
 from blinddiff.sampling import PositionalNoise
+from conftest import one_image_testset, run_script
 
 SEED = 5
 
@@ -127,9 +128,6 @@ def test_help_imports_neither_torch_nor_onnx() -> None:
 @pytest.mark.slow
 def test_parity_script_finds_the_graph_fed_torchs_noise_equal(exported: Path, x0_weights: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import one_image_testset
-    from test_benchmark_scripts import run_script
-
     one_image_testset(tmp_path, "set", "iso:2.0", 4, kernel_size=11)
     args = ["--benchmark", str(tmp_path / "set"), "--weights", str(x0_weights), "--onnx", str(exported),
             "--draws", "2", "--out", str(tmp_path / "parity.json")]
