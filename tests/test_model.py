@@ -140,8 +140,10 @@ def test_the_timestep_conditions_the_image_branch_and_not_the_kernel_head():
         base, k_base = model(x_t, t, lr)
         other_t, k_t = model(x_t, (t + 300) % 1000, lr)
         k_direct = model.estimate_kernel(x_t, model.upsample_lr(lr, x_t.shape[-2:]))
+        _, k_other_lr = model(x_t, t, lr.flip(-1))
     torch.testing.assert_close(k_t, k_base, atol=0, rtol=0)
     torch.testing.assert_close(k_direct, k_base, atol=0, rtol=0)
+    assert (k_other_lr - k_base).abs().max() > 0  # the LR half of its input is read
     assert (base - other_t).abs().max() > 1e-4
 
 
