@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from blinddiff.data import DataConfig, HRPatches, TrainingDegradation, augment
+from blinddiff.degradation import degrade
 from blinddiff.fileio import ImageError, expand_inputs, read_rgb
 from conftest import sample_rgb
 
@@ -34,10 +35,14 @@ def test_patches_are_crops_of_the_image(hr_folder: Path) -> None:
     assert (windows == patch).all(axis=(-1, -2, -3)).any()
 
 
-def test_augment_covers_the_eight_dihedral_transforms() -> None:
-    patch = np.arange(2 * 2 * 1).reshape(2, 2, 1)
-    seen = {augment(patch, np.random.default_rng(i)).tobytes() for i in range(200)}
-    assert len(seen) == 8
+def test_augment_gives_exactly_the_eight_dihedral_transforms() -> None:
+    def key(array: np.ndarray) -> tuple:
+        return array.shape, np.ascontiguousarray(array).tobytes()
+
+    patch = np.arange(2 * 3 * 2).reshape(2, 3, 2)  # non-square, distinct values: the 8 transforms all differ
+    dihedral = {key(np.rot90(flipped, turns)) for flipped in (patch, patch[:, ::-1]) for turns in range(4)}
+    seen = {key(augment(patch, np.random.default_rng(i))) for i in range(200)}
+    assert len(dihedral) == 8 and seen == dihedral
 
 
 def test_rgba_and_16_bit_images_are_converted(tmp_path: Path) -> None:
@@ -71,6 +76,9 @@ def test_training_degradation(setting: str, scale: int, size: int) -> None:
     assert out_hr is hr and lr.shape == (3, 3, 32 // scale, 32 // scale) and kernels.shape == (3, size, size)
     assert torch.allclose(kernels.sum((-1, -2)), torch.ones(3), atol=1e-5)
     assert torch.equal(lr, (lr * 255).round() / 255)  # quantised to 8 bits
+    assert kernels.min() >= 0
+    # The kernel returned is the one that made the LR: the triplet is the forward model of docs/method.md §1.
+    torch.testing.assert_close(lr, degrade(hr, kernels, scale, quantize=True), atol=0, rtol=0)
     again = degradation(hr, torch.Generator().manual_seed(0))
     assert torch.equal(lr, again[1]) and torch.equal(kernels, again[2])
     assert not torch.equal(kernels[0], kernels[1])  # one kernel per sample

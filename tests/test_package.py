@@ -1,11 +1,16 @@
-"""The package's structure: no import cycle between its modules, and `blinddiff --help` without torch."""
+"""The package's structure: no import cycle between its modules, `blinddiff --help` without torch, and every
+module's public names declared in an `__all__` that no other module reaches past."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import blinddiff
 
@@ -53,3 +58,35 @@ def test_the_command_line_help_imports_no_torch() -> None:
            "print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def package_modules() -> list[str]:
+    """The package and every module and subpackage in it, found on disk (a new module is covered unlisted)."""
+    return ["blinddiff", *(info.name for info in pkgutil.walk_packages(blinddiff.__path__, "blinddiff."))]
+
+
+@pytest.mark.parametrize("name", package_modules())
+def test_every_module_declares_its_public_names_in_all(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = getattr(module, "__all__", None)
+    assert isinstance(exported, (list, tuple)), f"{name} has no __all__: list the names others import from it"
+    assert len(set(exported)) == len(exported), f"{name}.__all__ names some entries twice"
+    assert [entry for entry in exported if not hasattr(module, entry)] == [], f"{name}.__all__ names what it lacks"
+    private = [entry for entry in exported if is_private(entry)]
+    assert private == [], f"{name}.__all__ exports private names"
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    """`from .x import _name` across modules: the name is part of x's API (make it public) or lives in the wrong
+    module (move it); dunders such as `__version__` are the package's own."""
+    reached = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("blinddiff")):
+                reached += [f"{path.relative_to(PACKAGE)}: {alias.name}" for alias in node.names
+                            if is_private(alias.name)]
+    assert reached == []

@@ -13,7 +13,7 @@ from PIL import Image
 from blinddiff.cli import main
 from blinddiff.degradation import degrade
 from blinddiff.fileio import read_rgb, rgb_to_tensor
-from blinddiff.kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian
+from blinddiff.kernels import GAUSSIAN8_SIGMAS, anisotropic_gaussian, isotropic_gaussian
 from conftest import sample_rgb
 
 
@@ -61,17 +61,32 @@ def test_same_arguments_give_identical_bytes(hr_folder: Path, tmp_path: Path) ->
     assert not np.allclose(kernels[0], kernels[1])  # one random kernel per image
 
 
+def assert_lr_is_the_forward_model(root: Path, name: str, downsample: str) -> None:
+    """The case's LR is degrade() of its stored HR with its stored kernel at the manifest's scale (noise 0)."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    case = next(c for c in manifest["cases"] if c["name"] == name)
+    assert case["downsample"] == downsample
+    kernel = torch.from_numpy(np.load(root / case["kernel"]))[None]
+    expected = degrade(rgb_to_tensor(read_rgb(root / case["hr"])), kernel, manifest["scale"], downsample=downsample,
+                       quantize=True)
+    assert torch.equal(rgb_to_tensor(read_rgb(root / case["lr"])), expected)
+
+
 def test_direct_downsampling_and_deblurring(hr_folder: Path, tmp_path: Path) -> None:
     assert main(["make-benchmark", "--hr", str(hr_folder), "--protocol", "iso:1.5", "--scale", "3",
                  "--downsample", "direct", "--out", str(tmp_path / "d")]) == 0
     lr = np.asarray(Image.open(tmp_path / "d" / "LR" / "astronaut_sig1.5.png"))
     assert lr.shape == (70 // 3, 83 // 3, 3)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "d" / "kernels" / "astronaut_sig1.5.npy")),
+                               isotropic_gaussian(1.5, 21)[0])
+    assert_lr_is_the_forward_model(tmp_path / "d", "astronaut_sig1.5", "direct")
     assert main(["make-benchmark", "--hr", str(hr_folder), "--protocol", "motion", "--scale", "1",
                  "--kernel-size", "15", "--out", str(tmp_path / "m")]) == 0
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["kernel_size"] == 15 and manifest["cases"][0]["intensity"] == 0.5
     lr = np.asarray(Image.open(tmp_path / "m" / "LR" / "astronaut_motion.png"))
     assert lr.shape == (70, 83, 3)
+    assert_lr_is_the_forward_model(tmp_path / "m", "astronaut_motion", "bicubic")  # scale 1: blur only
 
 
 def test_non_empty_output_needs_force(hr_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -138,10 +153,16 @@ def test_degrade_command(hr_folder: Path, tmp_path: Path, capsys: pytest.Capture
     assert main(["degrade", str(hr_folder / "astronaut.png"), "--out", str(tmp_path / "again"), "--scale", "2",
                  "--kernel", str(out / "astronaut_kernel.npy")]) == 0
     assert (tmp_path / "again" / "astronaut.png").read_bytes() == (out / "astronaut.png").read_bytes()
+    torch.testing.assert_close(torch.from_numpy(kernel), anisotropic_gaussian(1.5, 4, 0.3, 21)[0])
     # Folders and globs, random kernels: one per image.
     assert main(["degrade", str(hr_folder), "--out", str(tmp_path / "r"), "--kernel", "random-iso"]) == 0
     assert {p.name for p in (tmp_path / "r").iterdir()} == {
         "astronaut.png", "astronaut_kernel.npy", "camera.png", "camera_kernel.npy"}
+    drawn = [np.load(tmp_path / "r" / f"{stem}_kernel.npy") for stem in ("astronaut", "camera")]
+    assert not np.allclose(drawn[0], drawn[1])
+    for random_iso in drawn:  # isotropic: symmetric under flips and the transpose
+        for transformed in (random_iso[::-1], random_iso[:, ::-1], random_iso.T):
+            np.testing.assert_allclose(transformed, random_iso, atol=1e-7)
     assert main(["degrade", str(hr_folder / "*.png"), "--out", str(tmp_path / "g"), "--kernel", "motion:0.5",
                  "--scale", "1", "--kernel-size", "17"]) == 0
     assert np.load(tmp_path / "g" / "camera_kernel.npy").shape == (17, 17)

@@ -25,6 +25,11 @@ from safetensors.torch import save as save_safetensors_bytes
 from .config import Config, config_from_dict, config_to_dict
 from .fileio import atomic_write, expand_path
 
+__all__ = ["EXPORT_DTYPES", "WEIGHTS_DIR", "check_state_fits", "checkpoint_index", "complete_checkpoints",
+           "export_weights", "load_latest_checkpoint", "load_sharded", "load_torch", "load_weights", "prefixed",
+           "prune_checkpoints", "resolve_weights", "sampling_defaults", "save_sharded", "save_weights", "sha256_of",
+           "shipped_weights", "unreadable_torch_file"]
+
 FORMAT = "blinddiff-weights-1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{8})\.index\.json")
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights and their registry

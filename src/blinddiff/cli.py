@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .inference import SampleOptions
     from .metrics import MetricSuite
 
+__all__ = ["TIME_BOX_EXIT", "build_parser", "main", "sample_options_from"]
+
 
 def with_flags(message: str, args: argparse.Namespace) -> str:
     """Library errors name parameters (`tile=4: …`); on the command line the flag is named (`--tile 4: …`),

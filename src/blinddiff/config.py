@@ -25,6 +25,8 @@ from .diffusion import DiffusionConfig
 from .hardware import PRECISIONS
 from .model import MCFormerConfig
 
+__all__ = ["Config", "TrainConfig", "apply_override", "config_from_dict", "config_to_dict", "load_config",
+           "preset_names", "save_config"]
 
 
 @dataclass

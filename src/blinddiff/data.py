@@ -21,6 +21,8 @@ from .degradation import RealDegradation, degrade, degrade_real
 from .fileio import ImageError, check_decodes, find_images, image_size, read_rgb
 from .kernels import sample_training_kernels
 
+__all__ = ["SETTINGS", "DataConfig", "HRPatches", "TrainingDegradation", "augment", "derive_seed"]
+
 SETTINGS = ("iso", "aniso", "motion", "real")
 
 

@@ -25,6 +25,7 @@ from .kernels import isotropic_gaussian
 from .metrics import evaluate_pair
 from .perceptual import load_perceptual
 
+__all__ = ["main"]
 
 REAL_PHOTO = "${BLINDDIFF_DATA:-../shared/data}/real/RealSRSet+5images/chip.png"  # 120×120, real JPEG damage
 

@@ -34,6 +34,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+__all__ = ["DEFAULT_JPEG_QUALITY", "IMAGE_EXTENSIONS", "UMASK", "ImageError", "ImageKind", "InputWarning",
+           "LoadedImage", "ResultBuffer", "atomic_write", "check_decodes", "check_name_part", "check_output_folder",
+           "expand_inputs", "expand_path", "find_images", "finite_or_null", "from_tensor", "image_size", "inside",
+           "is_jpeg", "kernel_picture", "load_image", "output_kind", "plan_outputs", "read_rgb", "remove_temporaries",
+           "resize_pixels", "rgb_to_tensor", "save_image", "tensor_to_rgb", "to_tensor", "write_json", "write_npy",
+           "write_pixels", "write_png", "write_result"]
+
 FLOAT_TOLERANCE = 1e-3  # float pixels this far outside [0, 1] are rounding, not another scale
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 UMASK = os.umask(0o22)  # read the process umask (the only way is to set it) ...

@@ -12,6 +12,9 @@ from typing import Any, ContextManager
 import torch
 import torch.distributed as dist
 
+__all__ = ["DEVICES", "PRECISIONS", "Runtime", "autocast", "distributed", "gather", "pick_device", "resolve_precision",
+           "setup_runtime", "shard"]
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -33,6 +33,9 @@ from .model import MCFormer
 from .sampling import KERNEL_GUIDANCE, PositionalNoise, check_options, check_tile, data_term, known_kernel, \
     noise_weights, sample_windows, sampling_chain
 
+__all__ = ["DEFAULT_DEBLUR_WEIGHTS", "DEFAULT_MAX_MEMORY", "DEFAULT_WEIGHTS", "MAX_PIXELS", "MIN_LR_SIZE", "MODES",
+           "BlindDiff", "SampleOptions", "check_lr_size", "load_model", "parse_memory"]
+
 DEFAULT_WEIGHTS = "fast-x4"
 DEFAULT_DEBLUR_WEIGHTS = "deblur-motion"  # `blinddiff deblur` (scale 1, BlindDPS motion blur)
 MIN_LR_SIZE = 8  # LR pixels per side; smaller inputs carry too little to estimate a kernel from

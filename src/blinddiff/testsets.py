@@ -38,6 +38,9 @@ from .fileio import ImageError, check_name_part, check_output_folder, expand_inp
 from .kernels import GAUSSIAN8_SIGMAS, isotropic_gaussian, load_kernels, motion_blur, parse_kernel_spec, \
     sample_anisotropic
 
+__all__ = ["LEVIN_KERNELS", "BenchmarkSet", "build_pair_set", "build_testset", "case_group", "degrade_files",
+           "load_benchmark"]
+
 LEVIN_KERNELS = "${BLINDDIFF_DATA:-../shared/data}/kernels/KAIR/Levin09.mat"  # 8 real camera-shake kernels
 MOTION_KERNEL_SIZE = 64  # BlindDPS's motion kernels
 MAX_KERNEL_SIZE = 256  # far beyond any blur in the paper; bounds the memory a typo can ask for
