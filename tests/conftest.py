@@ -128,7 +128,7 @@ def peers_installed(*methods: str) -> bool:
 
 def metric_weights_installed(*names: str) -> bool:
     """Whether `make metric-weights` installed these LPIPS/DISTS weight files ("vgg", "alex", "dists")."""
-    from blinddiff.perceptual import installed_weights
+    from blinddiff.metrics import installed_weights
 
     try:
         for name in names:

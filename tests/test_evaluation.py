@@ -19,8 +19,7 @@ from PIL import Image
 from blinddiff import evaluation
 from blinddiff.degradation import upsample_bicubic
 from blinddiff.fileio import read_rgb, rgb_to_tensor, tensor_to_rgb
-from blinddiff.metrics import build_metric_suite, psnr, ssim
-from blinddiff.perceptual import LPIPS
+from blinddiff.metrics import LPIPS, build_metric_suite, psnr, ssim
 from blinddiff.testsets import build_testset
 from conftest import metric_weights_installed, one_image_testset, run_cli, sample_options, sample_rgb
 

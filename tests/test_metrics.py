@@ -1,5 +1,5 @@
 """Tests of the evaluation metrics (docs/method.md §5): PSNR/SSIM in the BasicSR convention,
-NIQE, LPIPS, DISTS, FID and the kernel metrics of Fig. 7.
+NIQE, LPIPS, DISTS, FID, the kernel metrics of Fig. 7 and the registry that names them.
 
 Golden values come from independent references written here in plain numpy/scipy (PSNR from its
 formula, SSIM with scipy.signal, NIQE features with scipy.ndimage and loops, LPIPS with torch's
@@ -27,21 +27,29 @@ from PIL import Image
 from scipy import ndimage, signal
 from scipy.special import gamma
 
-from blinddiff.perceptual import DISTS, LPIPS, installed_weights, load_perceptual, read_flax_checkpoint
 from blinddiff.metrics import (
+    ALL_METRICS,
+    DEFAULT_METRICS,
+    DISTS,
+    LPIPS,
     METRIC_NAMES,
+    METRICS,
     PERCEPTUAL_METRICS,
     evaluate_pair,
     feature_statistics,
     fid_from_features,
     fid_from_images,
     frechet_distance,
+    installed_weights,
     kernel_l1,
     load_niqe_params,
+    load_perceptual,
     lr_psnr,
     niqe,
     niqe_features,
+    parse_metrics,
     psnr,
+    read_flax_checkpoint,
     rgb_to_y,
     ssim,
 )
@@ -728,3 +736,46 @@ def test_evaluate_pair(tmp_path, vgg_lpips):
             evaluate_pair(sr, hr, scale=4, metrics=(name,))
     with pytest.raises(ValueError, match="one SR image"):
         evaluate_pair(np.stack([sr, sr]), np.stack([hr, hr]), scale=4)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_registered_metric_parses_and_an_unknown_one_names_them_all():
+    assert parse_metrics(",".join(reversed(ALL_METRICS))) == tuple(reversed(ALL_METRICS))
+    assert all(parse_metrics([name]) == (name,) for name in METRICS)
+    assert parse_metrics(" lpips, psnr,lpips_alex ", lpips_net="alex") == ("lpips_alex", "psnr")
+    with pytest.raises(ValueError, match="sharpness") as error:
+        parse_metrics("psnr,sharpness")
+    assert all(name in str(error.value) for name in ALL_METRICS)
+    with pytest.raises(ValueError, match="unknown or empty"):
+        parse_metrics(" , ")
+
+
+def test_the_defaults_leave_out_a_network_whose_weights_are_missing(monkeypatch):
+    assert "lpips_vgg" in DEFAULT_METRICS and set(DEFAULT_METRICS) <= set(METRICS)
+    assert ("lpips_vgg" in parse_metrics(None)) == metric_weights_installed("vgg")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as without `make metric-weights`
+    assert parse_metrics(None) == tuple(name for name in DEFAULT_METRICS if name != "lpips_vgg")
+
+
+def test_a_perfect_result_beats_a_damaged_one_in_each_metrics_registered_direction():
+    """higher_is_better of every metric with a reference (image, kernel or feature set), measured."""
+    hr = sample_rgb(64, 64)
+    kernel, wrong = gaussian_kernel(2.0, 13).float(), gaussian_kernel(3.0, 13).float()
+    networks = {"lpips_vgg": LPIPS("vgg"), "lpips_alex": LPIPS("alex"), "dists": DISTS()}  # random weights:
+    for network in networks.values():  # non-negative LPIPS heads keep a distance ≥ 0, 0 only for equal images
+        for head in getattr(network, "lins", []):
+            head.weight.data.abs_()
+    names = [name for name, metric in METRICS.items() if metric.kind in ("full-reference", "kernel")]
+    assert set(networks) | {"psnr", "ssim", "kernel_l1", "lr_psnr"} <= set(names)
+    perfect = evaluate_pair(hr, hr, scale=4, metrics=names, kernel=kernel, gt_kernel=kernel, networks=networks)
+    damaged = evaluate_pair(noisy(hr, 20.0, seed=3), hr, scale=4, metrics=names, kernel=wrong, gt_kernel=kernel,
+                            networks=networks)
+    assert {name: perfect[name] > damaged[name] for name in names} == \
+        {name: METRICS[name].higher_is_better for name in names}
+    features = np.random.default_rng(0).normal(size=(50, 4))
+    assert (fid_from_features(features, features) > fid_from_features(features + 1, features)) == \
+        METRICS["fid"].higher_is_better

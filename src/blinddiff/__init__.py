@@ -9,9 +9,10 @@ The package reads like the method (docs/method.md has the paper element → modu
   configs and presets), `checkpoint` (weights, sharded training state, the shipped-weights registry);
 - the reverse process: `sampling` (paper Algorithm 2, with windows for any image size), `inference` (the
   `BlindDiff` Python API), `batch` (processing image files for `upscale` / `deblur`);
-- measuring: `metrics` (PSNR/SSIM/NIQE/PIQE/FID/kernel metrics), `perceptual` (LPIPS, DISTS), `testsets`
-  (building test sets), `evaluation` (`evaluate`, `benchmark`, reports), `peers` (Real-ESRGAN, RealSR, SRMD
-  and classical deblurring baselines);
+- measuring: `metrics` (one module per family — `fidelity` PSNR/SSIM, `perceptual` LPIPS/DISTS, `niqe`,
+  `piqe`, `fid`, `kernel` kernel L1/LR-PSNR — and the `registry` naming them all), `testsets` (building
+  test sets), `evaluation` (`evaluate`, `benchmark`, reports), `peers` (Real-ESRGAN, RealSR, SRMD and
+  classical deblurring baselines);
 - around them: `fileio` (images, kernels and atomic writes), `hardware` (devices, precision, ranks),
   `demo`, and `cli` (the `blinddiff` command).
 """

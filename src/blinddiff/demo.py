@@ -22,8 +22,7 @@ from .degradation import degrade, estimate_noise_level, upsample_bicubic
 from .fileio import expand_path, kernel_picture, read_rgb, rgb_to_tensor, tensor_to_rgb, write_png
 from .inference import DEFAULT_WEIGHTS, MODES, BlindDiff
 from .kernels import isotropic_gaussian
-from .metrics import evaluate_pair
-from .perceptual import load_perceptual
+from .metrics import evaluate_pair, load_perceptual
 
 __all__ = ["main"]
 

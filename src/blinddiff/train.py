@@ -245,7 +245,7 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     perceptual = None
     if cfg.diffusion.perceptual_loss_weight > 0:  # frozen LPIPS (the installed weights), a loss on x̂0
-        from .perceptual import LPIPS
+        from .metrics.perceptual import LPIPS
 
         perceptual = LPIPS.pretrained(cfg.diffusion.perceptual_loss_net).to(device)
     degradation = TrainingDegradation.from_config(cfg.data)
