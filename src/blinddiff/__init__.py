@@ -10,7 +10,8 @@ The package reads like the method (docs/method.md has the paper element → modu
 - the reverse process: `sampling` (paper Algorithm 2, with windows for any image size), `inference` (the
   `BlindDiff` Python API), `batch` (processing image files for `upscale` / `deblur`);
 - measuring: `metrics` (PSNR/SSIM/NIQE/PIQE/FID/kernel metrics), `perceptual` (LPIPS, DISTS), `testsets`
-  (building test sets), `evaluation` (`evaluate`, `benchmark`, reports), `peers` (Real-ESRGAN, RealSR, SRMD
+  (building test sets), `evaluation` (a package: `scoring` for `evaluate`, `runner` for `benchmark`, the
+  `baselines` registry, `report` for the tables, plots and report.html), `peers` (Real-ESRGAN, RealSR, SRMD
   and classical deblurring baselines);
 - around them: `fileio` (images, kernels and atomic writes), `hardware` (devices, precision, ranks),
   `demo`, and `cli` (the `blinddiff` command).
