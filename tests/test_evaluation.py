@@ -479,3 +479,27 @@ def test_deblurring_baselines_on_a_scale_1_benchmark(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="×4"):
             evaluation.run_benchmark(tmp_path / "x4", weights, tmp_path / "r", device="cpu",
                                      settings=evaluation.BenchmarkSettings(baselines=(baseline,)))
+
+
+def test_a_new_baseline_is_one_registry_entry(bench: Path, weights: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer registered under a new name is run, scored, tabled and pictured like the shipped baselines."""
+    from blinddiff.evaluation import baselines
+
+    def nearest(inputs: baselines.BaselineInputs) -> baselines.Producer:
+        scale = inputs.bench.scale
+        return lambda lr, cases: (lr.repeat_interleave(scale, -2).repeat_interleave(scale, -1), None)
+
+    monkeypatch.setitem(baselines.REGISTRY, "nearest", baselines.Baseline(nearest))
+    settings = evaluation.BenchmarkSettings(baselines=("nearest", "bicubic"), trajectory_cases=0, limit=1)
+    outcome = evaluation.run_benchmark(bench, weights, tmp_path / "run", options=sample_options(steps=1),
+                                       settings=settings, suite=build_metric_suite("psnr"), device="cpu",
+                                       log=lambda message: None)
+    assert outcome.results is not None and not outcome.problems
+    assert list(outcome.results["methods"]) == ["blinddiff", "bicubic", "nearest"]  # registry order
+    case = cases(bench)[0]
+    expected = np.repeat(np.repeat(read_rgb(bench / case["lr"]), 4, 0), 4, 1)
+    assert np.array_equal(read_rgb(tmp_path / "run" / "nearest" / f"{case['name']}.png"), expected)
+    assert outcome.results["methods"]["nearest"]["cases"][0]["psnr"] == pytest.approx(
+        float(psnr(expected, read_rgb(bench / case["hr"]), crop=4)[0]), rel=1e-12)
+    assert "<figcaption>nearest</figcaption>" in (tmp_path / "run" / "report.html").read_text()

@@ -17,25 +17,29 @@ import blinddiff
 PACKAGE = Path(blinddiff.__file__).parent
 
 
+def module_name(path: Path) -> str:
+    """``evaluation/runner.py`` → ``evaluation.runner``; a subpackage's ``__init__.py`` is the subpackage."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
 def internal_imports() -> dict[str, set[str]]:
     """Module → the package modules it imports, at the top or inside functions (lazy imports count too).
 
-    Modules are named relative to the package: `cli`, `metrics` (a subpackage's `__init__`), `metrics.niqe`;
-    the top `__init__` is `__init__`. Importing `metrics.niqe` from outside `metrics` runs `metrics` first,
-    so that counts as importing `metrics` too."""
-    files = {".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): path
-             for path in PACKAGE.rglob("*.py")}
+    Subpackages count module by module; importing ``a.b`` from outside ``a`` also runs ``a/__init__.py``."""
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     graph = {}
-    for module, path in files.items():
+    for module, path in paths.items():
         package = module.split(".") if path.name == "__init__.py" and module != "__init__" else module.split(".")[:-1]
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
-                targets = [base] + [base + [alias.name] for alias in node.names]  # `from . import x`: x may be a module
-                for target in {".".join(target) for target in targets} & files.keys():
-                    parents = [target.rsplit(".", depth)[0] for depth in range(target.count(".") + 1)]  # itself too
-                    imported.update(parent for parent in parents if not f"{module}.".startswith(f"{parent}."))
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+                targets = [".".join(base)] + [".".join(base + [alias.name]) for alias in node.names]
+                for target in (t for t in targets if t in paths):  # and the packages it is in
+                    parts = target.split(".")
+                    imported.update(name for name in (".".join(parts[:n]) for n in range(1, len(parts) + 1))
+                                    if name in paths and not f"{module}.".startswith(f"{name}."))
         graph[module] = imported - {module}
     return graph
 

@@ -11,8 +11,9 @@ The package reads like the method (docs/method.md has the paper element → modu
   `BlindDiff` Python API), `batch` (processing image files for `upscale` / `deblur`);
 - measuring: `metrics` (one module per family — `fidelity` PSNR/SSIM, `perceptual` LPIPS/DISTS, `niqe`,
   `piqe`, `fid`, `kernel` kernel L1/LR-PSNR — and the `registry` naming them all), `testsets` (building
-  test sets), `evaluation` (`evaluate`, `benchmark`, reports), `peers` (Real-ESRGAN, RealSR, SRMD and
-  classical deblurring baselines);
+  test sets), `evaluation` (`scoring` for `evaluate`, `runner` for `benchmark`, the `baselines` registry,
+  `report` for the tables, plots and report.html), `peers` (Real-ESRGAN, RealSR, SRMD and classical
+  deblurring baselines);
 - around them: `fileio` (images, kernels and atomic writes), `hardware` (devices, precision, ranks),
   `demo`, and `cli` (the `blinddiff` command).
 """
