@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write, kernel_picture, read_rgb, tensor_to_rgb, write_json, write_png
-from ..metrics import ALL_METRICS
+from ..metrics import ALL_METRICS, METRICS
 from ..testsets import BenchmarkSet
 from .baselines import METHOD, REGISTRY, lr_batch
 from .context import RunContext, spread
@@ -29,10 +29,14 @@ from .scoring import format_metric, group_summaries, metric_mean, summarize_set
 __all__ = ["case_pictures", "line_plot", "markdown_table", "null_note", "row_columns", "save_figure", "scatter_plot",
            "write_csv", "write_outputs"]
 
-_LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips_vgg": "LPIPS-VGG ↓", "lpips_alex": "LPIPS-Alex ↓",
-           "dists": "DISTS ↓", "niqe": "NIQE ↓", "piqe": "PIQE ↓", "kernel_l1": "kernel L1 ↓", "lr_psnr": "LR-PSNR ↑", "fid": "FID ↓",
-           "seconds": "s / image ↓"}
 _LUMA_TEXT = {"studio": "studio-swing Y (BT.601, 16–235)", "full": "full-range luma (0.299R + 0.587G + 0.114B)"}
+
+
+def column_label(column: str) -> str:
+    """A results column's heading: a metric's registered label ("PSNR ↑"), the seconds, or the name itself."""
+    if column == "seconds":
+        return "s / image ↓"
+    return METRICS[column].label if column in METRICS else column
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +53,7 @@ def null_note(name: str, nulls: int) -> str:
 def markdown_table(summaries: dict[str, dict[str, float]], metrics: Sequence[str], *, first: str = "method") -> str:
     """Markdown table: one row per entry of ``summaries`` (e.g. method → means), one column per metric."""
     columns = [name for name in metrics if any(name in s for s in summaries.values())]
-    lines = ["| " + " | ".join([first, "n", *(_LABELS.get(c, c) for c in columns)]) + " |",
+    lines = ["| " + " | ".join([first, "n", *(column_label(c) for c in columns)]) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for label, summary in summaries.items():
         cells = [label, str(int(summary.get("n", 0))), *(format_metric(c, summary.get(c)) for c in columns)]
@@ -277,7 +281,7 @@ image-rendering:pixelated}.case{border-top:1px solid #ddd;padding-top:6px;margin
 
 def _html_table(summaries: dict[str, dict[str, float]], metrics: Sequence[str], first: str) -> str:
     columns = [m for m in metrics if any(m in s for s in summaries.values())]
-    head = "".join(f"<th>{html.escape(_LABELS.get(c, c))}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(column_label(c))}</th>" for c in columns)
     body = "".join(f"<tr><td>{html.escape(label)}</td><td>{int(s.get('n', 0))}</td>"
                    + "".join(f"<td>{format_metric(c, s.get(c))}</td>" for c in columns) + "</tr>"
                    for label, s in summaries.items())
@@ -300,7 +304,7 @@ def _write_report(run: RunContext, method_rows: dict[str, list[dict]], summaries
              f"{esc(str(bench.manifest.get('protocol', '?')))})</h1>",
              f"<p>{len(method_rows[METHOD])} case(s); sampling: {esc(sampling)}; seed {settings.seed}. "
              f"PSNR/SSIM on {esc(_LUMA_TEXT[run.suite.luma])}, with the scale cropped at each border "
-             f"(docs/method.md §1).</p>",
+             f"(docs/method.md §5).</p>",
              "<h2>Means</h2>", _html_table(summaries, metrics, "method"),
              f"<details><summary>markdown</summary><pre>{esc(table)}</pre></details>"]
     if plots:
@@ -312,7 +316,7 @@ def _write_report(run: RunContext, method_rows: dict[str, list[dict]], summaries
     for name in spread(finished, settings.report_cases):
         case = by_name[name]
         scores = "; ".join(
-            f"{esc(m)}: " + ", ".join(f"{_LABELS.get(k, k).split()[0]} {format_metric(k, rows_by_method[m][name][k])}"
+            f"{esc(m)}: " + ", ".join(f"{column_label(k).split()[0]} {format_metric(k, rows_by_method[m][name][k])}"
                                       for k in ("psnr", "ssim", "lpips_vgg", "kernel_l1")
                                       if k in rows_by_method[m][name])
             for m in methods if name in rows_by_method[m])

@@ -70,6 +70,12 @@ class Metric:
     available: Callable[[str], bool] | None = None
     uses_luma: bool = False  # computed on Y, so its value depends on the luma
     default: bool = False  # computed when --metrics is not given
+    title: str = ""  # its name in tables ("PSNR"); the name itself if empty
+
+    @property
+    def label(self) -> str:
+        """The column heading of reports: the title and the better direction, "PSNR ↑", "LPIPS-VGG ↓"."""
+        return f"{self.title or self.name} {'↑' if self.higher_is_better else '↓'}"
 
 
 @dataclass(frozen=True)
@@ -234,18 +240,19 @@ def _load_fid_weights(suite: MetricSuite, options: MetricOptions, name: str) -> 
 
 
 _REGISTRY = (
-    Metric("psnr", "full-reference", True, _psnr, uses_luma=True, default=True),
-    Metric("ssim", "full-reference", True, _ssim, uses_luma=True, default=True),
+    Metric("psnr", "full-reference", True, _psnr, uses_luma=True, default=True, title="PSNR"),
+    Metric("ssim", "full-reference", True, _ssim, uses_luma=True, default=True, title="SSIM"),
     Metric("lpips_vgg", "full-reference", False, _network_distance, load=_load_network,
-           available=pretrained_installed, default=True),
+           available=pretrained_installed, default=True, title="LPIPS-VGG"),
     Metric("lpips_alex", "full-reference", False, _network_distance, load=_load_network,
-           available=pretrained_installed),
-    Metric("dists", "full-reference", False, _network_distance, load=_load_network, available=pretrained_installed),
-    Metric("niqe", "no-reference", False, _niqe, load=_load_niqe_params),
-    Metric("piqe", "no-reference", False, _piqe, load=_check_pypiqe),
-    Metric("kernel_l1", "kernel", False, _kernel_l1, default=True),
-    Metric("lr_psnr", "kernel", True, _lr_psnr, uses_luma=True, default=True),
-    Metric("fid", "set-level", False, None, load=_load_fid_weights),
+           available=pretrained_installed, title="LPIPS-Alex"),
+    Metric("dists", "full-reference", False, _network_distance, load=_load_network, available=pretrained_installed,
+           title="DISTS"),
+    Metric("niqe", "no-reference", False, _niqe, load=_load_niqe_params, title="NIQE"),
+    Metric("piqe", "no-reference", False, _piqe, load=_check_pypiqe, title="PIQE"),
+    Metric("kernel_l1", "kernel", False, _kernel_l1, default=True, title="kernel L1"),
+    Metric("lr_psnr", "kernel", True, _lr_psnr, uses_luma=True, default=True, title="LR-PSNR"),
+    Metric("fid", "set-level", False, None, load=_load_fid_weights, title="FID"),
 )
 METRICS: Mapping[str, Metric] = {metric.name: metric for metric in _REGISTRY}
 """Every metric by name, in the order of the reports."""
