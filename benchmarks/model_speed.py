@@ -18,7 +18,9 @@ from timing import time_calls
 from blinddiff.config import load_config
 from blinddiff.diffusion import GaussianDiffusion
 from blinddiff.hardware import autocast
+from blinddiff.losses import loss_settings
 from blinddiff.model import MCFormer, count_parameters
+from blinddiff.train import train_step
 
 MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "compiled-fp32": ("fp32", True),
          "compiled-bf16": ("bf16", True)}
@@ -52,15 +54,11 @@ def measure(config: str, batch: int, size: int, mode: str, repeats: int, train: 
     if not train:
         return forward_s, None
     model.train()
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    schedule = GaussianDiffusion.from_config(cfg.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
 
     def step() -> None:
-        with autocast(precision, device):
-            loss = diffusion.training_losses(net, x, lr, kernel, cfg=cfg.diffusion)["loss"].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(net, schedule, (x, lr, kernel), optimizer, precision=precision, **loss_settings(cfg.diffusion))
 
     return forward_s, timed(step, repeats, warmup)
 

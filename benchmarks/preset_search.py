@@ -19,8 +19,9 @@ from blinddiff.config import load_config
 from blinddiff.data import HRPatches, TrainingDegradation, derive_seed
 from blinddiff.diffusion import GaussianDiffusion
 from blinddiff.hardware import autocast
+from blinddiff.losses import loss_settings, training_losses
 from blinddiff.model import MCFormer, count_parameters
-from blinddiff.train import StepBatches
+from blinddiff.train import StepBatches, train_step
 
 CANDIDATES = {
     "w16-b1224-r1": ["model.width=16", "model.blocks=[1,2,2,4]", "model.refinement_blocks=1",
@@ -43,11 +44,11 @@ def validation_set(root: str, crop: int, count: int, cfg) -> tuple[torch.Tensor,
     return hr, lr, kernel, t, noise
 
 
-def evaluate(model, diffusion, cfg, val) -> dict[str, float]:
+def evaluate(model, schedule, cfg, val) -> dict[str, float]:
     hr, lr, kernel, t, noise = val
     model.eval()
     with torch.no_grad(), autocast("bf16", torch.device("cpu")):
-        losses = diffusion.training_losses(model, hr, lr, kernel, t=t, noise=noise, cfg=cfg.diffusion)
+        losses = training_losses(schedule, model, hr, lr, kernel, t=t, noise=noise, **loss_settings(cfg.diffusion))
     model.train()
     return {k: float(v.mean()) for k, v in losses.items()}
 
@@ -69,7 +70,7 @@ def main() -> None:
         cfg = load_config("paper-iso-x4", [*overrides, f"data.crop={args.crop}", f"data.root={args.train}"])
         torch.manual_seed(0)
         model = MCFormer(cfg.model)
-        diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        schedule = GaussianDiffusion.from_config(cfg.diffusion)
         degradation = TrainingDegradation.from_config(cfg.data)
         data = HRPatches(cfg.data.root, args.crop, cache=True, seed=0)
         batches = StepBatches(len(data), args.batch, seed=0)
@@ -79,16 +80,11 @@ def main() -> None:
         while time.perf_counter() - start < args.minutes * 60:
             hr = torch.stack([data[key] for key in batches.batch(step)])
             generator = torch.Generator().manual_seed(derive_seed(0, step))
-            hr, lr, kernel = degradation(hr, generator)
-            with autocast("bf16", torch.device("cpu")):
-                loss = diffusion.training_losses(model, hr, lr, kernel, generator=generator, cfg=cfg.diffusion)
-            optimizer.zero_grad(set_to_none=True)
-            loss["loss"].mean().backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            train_step(model, schedule, degradation(hr, generator), optimizer, generator=generator, precision="bf16",
+                       grad_clip=1.0, **loss_settings(cfg.diffusion))
             step += 1
         elapsed = time.perf_counter() - start
-        scores = evaluate(model, diffusion, cfg, val)
+        scores = evaluate(model, schedule, cfg, val)
         print(f"| {name} | {count_parameters(model) / 1e6:.2f} M | {step} | {step * args.batch / elapsed:.1f} | "
               f"{scores['mse']:.4f} | {scores['kernel']:.4f} | {scores['loss']:.4f} |", flush=True)
 

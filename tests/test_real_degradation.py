@@ -238,6 +238,7 @@ def test_real_protocol_and_real_pairs_as_test_sets(tmp_path: Path) -> None:
 
 def test_perceptual_term_acts_only_on_the_late_half_of_the_chain() -> None:
     from blinddiff.diffusion import GaussianDiffusion
+    from blinddiff.losses import loss_settings, training_losses
     from blinddiff.model import MCFormer
 
     cfg = load_config("tiny", ["diffusion.perceptual_loss_weight=0.5", "diffusion.perceptual_max_t=0.5"])
@@ -256,8 +257,9 @@ def test_perceptual_term_acts_only_on_the_late_half_of_the_chain() -> None:
 
     noise = torch.randn(hr.shape, generator=generator())
     with torch.no_grad():
-        with_term = chain.training_losses(model, hr, lr, kernel, t=t, noise=noise, perceptual=perceptual)
-        without = chain.training_losses(model, hr, lr, kernel, t=t, noise=noise)
+        with_term = training_losses(chain, model, hr, lr, kernel, t=t, noise=noise, perceptual=perceptual,
+                                    **loss_settings(cfg.diffusion))
+        without = training_losses(chain, model, hr, lr, kernel, t=t, noise=noise, **loss_settings(cfg.diffusion))
     assert seen == [1]  # only the sample with t < N/2 went through the network
     assert float(with_term["perceptual"][1]) == 0 and float(with_term["perceptual"][0]) > 1
     torch.testing.assert_close(with_term["loss"] - without["loss"], 0.5 * with_term["perceptual"])

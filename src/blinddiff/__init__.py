@@ -4,9 +4,10 @@ The package reads like the method (docs/method.md has the paper element → modu
 
 - the forward model: `kernels` (blur kernels: sampled, loaded, checked), `degradation` (blur, ↓s, noise,
   JPEG, the real-world chain; paper Eq. 1), `data` (training patches and their degradations);
-- the network and the diffusion: `model` (MCFormer, paper §3.3), `diffusion` (the schedule and the
-  objective of Eq. 13), `train` (the training loop, DDP, time-boxed chunks), `config` (nested dataclass
-  configs and presets), `checkpoint` (weights, sharded training state, the shipped-weights registry);
+- the network and the diffusion: `model` (MCFormer, paper §3.3), `diffusion` (the noise schedule: forward
+  process, posterior, respacing, the DDPM and DDIM steps), `losses` (the objective of Eq. 13), `train` (the
+  training step and loop, DDP, time-boxed chunks), `config` (nested dataclass configs and presets),
+  `checkpoint` (weights, sharded training state and its save/restore, the shipped-weights registry);
 - the reverse process: `sampling` (paper Algorithm 2, with windows for any image size), `inference` (the
   `BlindDiff` Python API), `batch` (processing image files for `upscale` / `deblur`);
 - measuring: `metrics` (one module per family — `fidelity` PSNR/SSIM, `perceptual` LPIPS/DISTS, `niqe`,

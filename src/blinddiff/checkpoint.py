@@ -4,20 +4,24 @@ Weights are safetensors with the resolved run config in the metadata, so a weigh
 its network. A training checkpoint is a sharded set (safetensors shards of at most
 ``train.checkpoint_shard_mb`` each plus a JSON index, as large-model repositories ship weights) holding
 the model, its EMA and the training state (optimizer, scheduler, RNG states) as tensors under a JSON
-skeleton, so resuming never unpickles anything. Every write is atomic (temp file + rename), and a
-checkpoint counts as complete only once its index exists, which is written last.
+skeleton, so resuming never unpickles anything (`save_training_state` / `restore_training_state`). Every
+write is atomic (temp file + rename), and a checkpoint counts as complete only once its index exists, which is
+written last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
@@ -25,10 +29,14 @@ from safetensors.torch import save as save_safetensors_bytes
 from .config import Config, config_from_dict, config_to_dict
 from .fileio import atomic_write, expand_path
 
-__all__ = ["EXPORT_DTYPES", "WEIGHTS_DIR", "check_state_fits", "checkpoint_index", "complete_checkpoints",
-           "export_weights", "load_latest_checkpoint", "load_sharded", "load_torch", "load_weights", "prefixed",
-           "prune_checkpoints", "resolve_weights", "sampling_defaults", "save_sharded", "save_weights", "sha256_of",
-           "shipped_weights", "unreadable_torch_file"]
+__all__ = [
+    "EXPORT_DTYPES", "FORMAT", "INDEX_SUFFIX", "MAX_WEIGHTS_BYTES", "WEIGHTS_DIR", "check_state_fits",
+    "checkpoint_index", "complete_checkpoints", "export_weights", "load_latest_checkpoint", "load_matching",
+    "load_sharded", "load_torch", "load_weights", "prefixed", "prune_checkpoints", "resolve_weights",
+    "restore_training_state", "rng_state", "safetensors_header", "sampling_defaults", "save_sharded",
+    "save_training_state", "save_weights", "set_rng_state", "sha256_of", "sharded_files", "shipped_weights",
+    "unreadable_torch_file",
+]
 
 FORMAT = "blinddiff-weights-1"
 CHECKPOINT_PATTERN = re.compile(r"step_(\d{8})\.index\.json")
@@ -194,6 +202,12 @@ def check_state_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.T
                          f"settings must be the ones it was trained with")
 
 
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str, config_name: str) -> None:
+    """load_state_dict after `check_state_fits` (one line naming the source, not a page of mismatches)."""
+    check_state_fits(state, model.state_dict(), where, config_name)
+    model.load_state_dict(state)
+
+
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Select and strip one prefix (e.g. 'ema.') from a flat tensor dict."""
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
@@ -354,3 +368,55 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         index.unlink(missing_ok=True)
         for path in shards:
             path.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """Every global RNG, in a form `torch.load(weights_only=True)` accepts."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(folder: Path, step: int, cfg: Config, model: nn.Module, ema: nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *,
+                        keep: int, shard_bytes: int, **counters: Any) -> None:
+    """Checkpoint `step` of a run into `folder`: the (unwrapped) model and its EMA as ``model.*`` / ``ema.*``
+    tensors, the optimizer, the scheduler, every global RNG and `counters` (plain numbers such as the loss
+    average), as one sharded set (`save_sharded`); then only the newest `keep` checkpoints are kept.
+    `restore_training_state` reads it back so that the next step is bit-identical."""
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+               **{f"ema.{k}": v for k, v in ema.state_dict().items()}}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), **counters}
+    save_sharded(checkpoint_index(folder, step), tensors, cfg, state=state, step=step, shard_bytes=shard_bytes)
+    prune_checkpoints(folder, keep)
+
+
+def restore_training_state(folder: Path, cfg: Config, model: nn.Module, ema: nn.Module,
+                           optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, dict[str, Any]] | None:
+    """Load the newest readable checkpoint of `folder` (`load_latest_checkpoint`) into the model, its EMA, the
+    optimizer, the scheduler and the global RNGs: (its step, the counters `save_training_state` was given), or
+    None when there is none. Weights that do not fit the network of `cfg` raise ValueError naming the file."""
+    latest = load_latest_checkpoint(folder)
+    if latest is None:
+        return None
+    step, tensors, state = latest
+    where = f"checkpoint {checkpoint_index(folder, step)} (the run's config plus --set)"
+    load_matching(model, prefixed(tensors, "model."), where, cfg.name)
+    load_matching(ema, prefixed(tensors, "ema."), where, cfg.name)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return step, {k: v for k, v in state.items() if k not in ("step", "optimizer", "scheduler", "rng")}

@@ -1,18 +1,18 @@
-"""Gaussian diffusion of BlindDiff (docs/method.md §3): DDPM chain, IDDPM learned-range variance, training loss.
+"""The noise schedule of BlindDiff (docs/method.md §3, paper §3.2): the DDPM chain, its posterior, its steps.
 
-The forward process is DDPM's (Ho et al. 2020) with a linear β schedule; the network predicts ε and,
-in "learned range" mode (Nichol & Dhariwal 2021, IDDPM §3.1), one interpolation value v per channel
-between log β_t and log β̃_t. Training minimises paper Eq. (13):
-
-    L = L_noise (MSE on ε) + L_vb (IDDPM bound on the variance, mean detached) + λ·L_kernel.
+The forward process is DDPM's (Ho et al. 2020) with a linear β schedule; the network predicts ε (or x0)
+and, in "learned range" mode (Nichol & Dhariwal 2021, IDDPM §3.1), one interpolation value v per channel
+between log β_t and log β̃_t. What the network is trained on (paper Eq. 13) lives in `blinddiff.losses`;
+this module only holds the schedule, as diffusers' schedulers do.
 
 Images live in [0, 1] as in the authors' code (no rescale to [−1, 1]); the data range only matters
 for the discretised decoder likelihood at t = 0 and for optional x̂0 clipping.
 
-The schedule is a plain object (diffusers style): `GaussianDiffusion.from_config(DiffusionConfig)`
-builds it, `respace()` derives a shorter chain over a subset of steps (IDDPM "space_timesteps"), and
-`timestep_map` tells which original step the network must be shown. The network itself is any
-callable ``model(x_t, t_original, lr) -> (out, kernel)``; nothing here knows its architecture.
+The schedule is a plain object: `GaussianDiffusion.from_config(DiffusionConfig)` builds it, `respace()`
+derives a shorter chain over a subset of steps (IDDPM "space_timesteps"), `timestep_map` tells which
+original step the network must be shown, `add_noise` is the forward process (paper Algorithm 1) and
+`ddpm_step` / `ddim_step` the two reverse updates (paper Algorithm 2, step 2). Nothing here knows the
+network's architecture.
 """
 
 from __future__ import annotations
@@ -24,25 +24,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = [
-    "DiffusionConfig",
-    "GaussianDiffusion",
-    "approx_standard_normal_cdf",
-    "discretized_gaussian_log_likelihood",
-    "kernel_loss",
-    "linear_betas",
-    "normal_kl",
-    "space_timesteps",
-]
+__all__ = ["KERNEL_LOSSES", "PREDICTIONS", "DiffusionConfig", "GaussianDiffusion", "float_at_least_32", "linear_betas",
+           "space_timesteps"]
 
-KERNEL_LOSSES = ("l1", "mse", "l2")
+KERNEL_LOSSES = ("l1", "mse", "l2")  # the kinds `losses.kernel_loss` knows
 PREDICTIONS = ("eps", "x0")
-_LOG2 = math.log(2.0)
 
 
 @dataclass
 class DiffusionConfig:
-    """Diffusion and loss settings (docs/method.md §3, paper Eq. 13). Round-trips through `dataclasses.asdict`."""
+    """Diffusion and loss settings (docs/method.md §3, paper Eq. 13). Round-trips through `dataclasses.asdict`.
+
+    The schedule's fields build `GaussianDiffusion.from_config`; the loss fields (λ_kernel, the kernel norm,
+    the perceptual term) are the keyword arguments `losses.loss_settings` hands to `losses.training_losses`.
+    """
 
     steps: int = 1000
     beta_start: float = 1e-4
@@ -143,70 +138,7 @@ def space_timesteps(num_steps: int, count: int | str) -> list[int]:
     return sorted(set(steps))
 
 
-# --------------------------------------------------------------------------- likelihood helpers
-
-
-def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (broadcasts)."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def approx_standard_normal_cdf(x: Tensor) -> Tensor:
-    """Fast tanh approximation of the standard normal CDF (the one IDDPM uses; monotone, in [0, 1])."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def discretized_gaussian_log_likelihood(
-    x: Tensor,
-    means: Tensor,
-    log_scales: Tensor,
-    bin_width: float = 1.0 / 255.0,
-    x_min: float = 0.0,
-    x_max: float = 1.0,
-) -> Tensor:
-    """Log-probability (nats, elementwise) of quantised data x under N(means, e^{2·log_scales}).
-
-    Each value owns the bin [x − w/2, x + w/2]; the lowest and highest bins extend to ∓∞ (IDDPM's
-    decoder L_0). Defaults are 8-bit images in [0, 1]; use bin_width=2/255, x_min=−1 for [−1, 1].
-    """
-    if not bin_width > 0.0 or not x_max > x_min:
-        raise ValueError(f"bin_width={bin_width}, range=({x_min}, {x_max}): need bin_width > 0 and x_max > x_min")
-    half = 0.5 * bin_width
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + half))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - half))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < x_min + half,
-        log_cdf_plus,
-        torch.where(x > x_max - half, log_one_minus_cdf_min, log_delta),
-    )
-
-
-def kernel_loss(kernel_pred: Tensor, kernel_gt: Tensor, kind: str = "l1") -> Tensor:
-    """Per-sample L_kernel of Eq. (13), [B]: "l1" Σ|Δ| over taps, "mse" mean Δ², "l2" Σ Δ² (float32+)."""
-    if kernel_pred.shape != kernel_gt.shape:
-        raise ValueError(
-            f"kernel_pred shape {tuple(kernel_pred.shape)} != kernel_gt shape {tuple(kernel_gt.shape)}: "
-            "make the network's kernel output and the ground-truth kernels the same layout"
-        )
-    if kind not in KERNEL_LOSSES:
-        raise ValueError(f"kind={kind!r}: choose one of {KERNEL_LOSSES}")
-    dtype = _float_at_least_32(kernel_pred.dtype, kernel_gt.dtype)
-    diff = (kernel_pred.to(dtype) - kernel_gt.to(device=kernel_pred.device, dtype=dtype)).flatten(1)
-    if kind == "l1":
-        return diff.abs().sum(1)
-    if kind == "mse":
-        return diff.square().mean(1)
-    return diff.square().sum(1)
-
-
-def _float_at_least_32(*dtypes: torch.dtype) -> torch.dtype:
+def float_at_least_32(*dtypes: torch.dtype) -> torch.dtype:
     """Common floating dtype of the inputs, promoted to at least float32 (bf16/fp16 compute in fp32)."""
     dtype = torch.float32
     for d in dtypes:
@@ -215,7 +147,8 @@ def _float_at_least_32(*dtypes: torch.dtype) -> torch.dtype:
 
 
 class GaussianDiffusion:
-    """DDPM forward/posterior quantities of one β chain (docs/method.md §3), possibly respaced.
+    """The schedule of one β chain (docs/method.md §3), possibly respaced: its tables, the forward process,
+    the posterior q(x_{t−1} | x_t, x0), the model's p(x_{t−1} | x_t) and the DDPM and DDIM steps.
 
     All tables are float64 CPU tensors; every method computes in float32 or better and returns
     the input's dtype. ``t`` arguments are LongTensors [B] (or a Python int) of indices into THIS
@@ -251,7 +184,6 @@ class GaussianDiffusion:
         self.prediction = prediction
         self.data_range = (lo, hi)
         self.bin_width = (hi - lo) / 255.0  # 8-bit images
-        self.config: DiffusionConfig | None = None  # set by from_config
 
         if timestep_map is None:
             timestep_map = torch.arange(n)
@@ -290,14 +222,13 @@ class GaussianDiffusion:
         )
         if cfg.train_steps is not None and cfg.train_steps != cfg.steps:
             chain = chain.respace(space_timesteps(cfg.steps, cfg.train_steps))
-        chain.config = cfg
         return chain
 
     def respace(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """Chain over a subset of THIS chain's steps, keeping ᾱ at those steps (IDDPM respacing).
 
         β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i−1}}; `timestep_map` composes, so it always points at the
-        original chain. The result has no `config` (it no longer describes a config's chain).
+        original chain.
         """
         steps = sorted({int(s) for s in timesteps})
         if not steps or len(steps) != len(list(timesteps)):
@@ -327,10 +258,11 @@ class GaussianDiffusion:
             f"learned_variance={self.learned_variance}, data_range={self.data_range})"
         )
 
-    # ----------------------------------------------------------------- helpers
+    # ----------------------------------------------------------------- timesteps and network outputs
 
-    def _steps(self, t: Tensor | int, x: Tensor) -> Tensor:
-        """Validate t (int or integer [B] tensor indexing this chain) and return it as long on x's device."""
+    def batch_timesteps(self, t: Tensor | int, x: Tensor) -> Tensor:
+        """t (an int or an integer [B] tensor of indices into this chain, for the batch x [B, …]) checked, as a
+        long tensor [B] on x's device."""
         batch = x.shape[0]
         if isinstance(t, int) and not isinstance(t, bool):
             if not 0 <= t < self.num_steps:
@@ -350,8 +282,9 @@ class GaussianDiffusion:
                 )
         return t.to(device=x.device, dtype=torch.long)
 
-    def _check_output(self, model_output: Tensor, x: Tensor) -> None:
-        """Network output must be [B, 2C, …] with learned variance, [B, C, …] otherwise (x is [B, C, …])."""
+    def check_model_output(self, model_output: Tensor, x: Tensor) -> None:
+        """Refuse a network output that is not [B, 2C, …] with learned variance, [B, C, …] otherwise (x is
+        [B, C, …])."""
         if x.ndim < 2:
             raise ValueError(f"x shape {tuple(x.shape)}: expected [B, C, ...]")
         want = (x.shape[0], 2 * x.shape[1] if self.learned_variance else x.shape[1], *x.shape[2:])
@@ -375,29 +308,45 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------- forward process
 
-    def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None) -> Tensor:
-        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM Eq. 4); ε ~ N(0, I) drawn here when not given."""
-        t = self._steps(t, x0)
+    def add_noise(self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None) -> Tensor:
+        """x_t ~ q(x_t | x0): √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM Eq. 4, paper Algorithm 1); ε ~ N(0, I) drawn here when
+        not given."""
+        t = self.batch_timesteps(t, x0)
         if noise is None:
             noise = torch.randn_like(x0)
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        dt = _float_at_least_32(x0.dtype, noise.dtype)
+        dt = float_at_least_32(x0.dtype, noise.dtype)
         x_t = self._at("sqrt_alphas_cumprod", t, x0, dt) * x0.to(dt) + self._at(
             "sqrt_one_minus_alphas_cumprod", t, x0, dt
         ) * noise.to(dt)
         return x_t.to(torch.promote_types(x0.dtype, noise.dtype))
 
+    q_sample = add_noise  # DDPM's and IDDPM's name for it
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> dict[str, Tensor]:
+        """The posterior q(x_{t−1} | x_t, x0) = N(coef1·x0 + coef2·x_t, β̃_t) (DDPM Eq. 6–7): its mean, variance
+        β̃_t (0 at t = 0) and log_variance (log β̃_t, clipped to log β̃_1 at t = 0 to stay finite, as IDDPM)."""
+        if x0.shape != x_t.shape:
+            raise ValueError(f"x0 shape {tuple(x0.shape)} != x_t shape {tuple(x_t.shape)}")
+        t = self.batch_timesteps(t, x_t)
+        out_dtype = torch.promote_types(x0.dtype, x_t.dtype)
+        dt = float_at_least_32(out_dtype)
+        result = {"mean": self._posterior_mean(x0.to(dt), x_t.to(dt), t),
+                  "variance": self._at("posterior_variance", t, x_t, dt).expand(x_t.shape),
+                  "log_variance": self._at("posterior_log_variance_clipped", t, x_t, dt).expand(x_t.shape)}
+        return {k: v.to(out_dtype) for k, v in result.items()}
+
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
         """x̂0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
-        t = self._steps(t, x_t)
-        dt = _float_at_least_32(x_t.dtype, eps.dtype)
+        t = self.batch_timesteps(t, x_t)
+        dt = float_at_least_32(x_t.dtype, eps.dtype)
         return self._x0_from_eps(x_t.to(dt), t, eps.to(dt)).to(torch.promote_types(x_t.dtype, eps.dtype))
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
         """ε = (x_t − √ᾱ_t·x0) / √(1−ᾱ_t), the inverse of `predict_x0_from_eps`."""
-        t = self._steps(t, x_t)
-        dt = _float_at_least_32(x_t.dtype, x0.dtype)
+        t = self.batch_timesteps(t, x_t)
+        dt = float_at_least_32(x_t.dtype, x0.dtype)
         return self._eps_from_x0(x_t.to(dt), t, x0.to(dt)).to(torch.promote_types(x_t.dtype, x0.dtype))
 
     # validated-t, same-dtype kernels shared by the public methods (no re-validation, no casts)
@@ -429,10 +378,10 @@ class GaussianDiffusion:
         IDDPM); otherwise σ² = β̃_t ("fixed small"). `clip_x0` clamps x̂0 to the data range before
         the mean is formed. Returns mean, variance, log_variance, pred_x0 and the model's eps.
         """
-        self._check_output(model_output, x_t)
-        t = self._steps(t, x_t)
+        self.check_model_output(model_output, x_t)
+        t = self.batch_timesteps(t, x_t)
         out_dtype = torch.promote_types(model_output.dtype, x_t.dtype)
-        dt = _float_at_least_32(out_dtype)
+        dt = float_at_least_32(out_dtype)
         result = self._p_mean_variance(model_output.to(dt), x_t.to(dt), t, clip_x0)
         return {k: v.to(out_dtype) for k, v in result.items()}
 
@@ -461,131 +410,26 @@ class GaussianDiffusion:
             "eps": eps,
         }
 
-    def step(self, p: dict[str, Tensor], x_t: Tensor, t: int, *, sampler: str = "ddpm", eta: float = 0.0,
-             noise: Callable[[], Tensor] | None = None) -> Tensor:
-        """x_{t−1} from x_t at chain index t given `p_mean_variance`'s output: the DDPM posterior sample with the
-        model's variance (`sampler="ddpm"`), or the DDIM update (Song et al. 2021, Eq. 12) with `eta` (0:
-        deterministic). `noise()` draws N(0, I) shaped like x_t, only when the update needs it (never at t = 0);
-        default `torch.randn_like`."""
-        draw = noise if noise is not None else (lambda: torch.randn_like(x_t))
-        if sampler == "ddpm":
-            if t == 0:
-                return p["mean"]
-            return p["mean"] + torch.exp(0.5 * p["log_variance"]) * draw()
-        if sampler != "ddim":
-            raise ValueError(f"sampler={sampler!r} is unknown; choose ddpm or ddim")
+    def ddpm_step(self, p: dict[str, Tensor], x_t: Tensor, t: int, *,
+                  noise: Callable[[], Tensor] | None = None) -> Tensor:
+        """x_{t−1} ~ p(x_{t−1} | x_t) at chain index t, given `p_mean_variance`'s output: mean + σ·z with the
+        model's variance (DDPM Algorithm 2; paper Algorithm 2, step 2), the mean alone at t = 0. `noise()` draws
+        z ~ N(0, I) shaped like x_t (default `torch.randn_like`); it is not called at t = 0."""
+        if t == 0:
+            return p["mean"]
+        z = noise() if noise is not None else torch.randn_like(x_t)
+        return p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
+
+    def ddim_step(self, p: dict[str, Tensor], x_t: Tensor, t: int, *, eta: float = 0.0,
+                  noise: Callable[[], Tensor] | None = None) -> Tensor:
+        """x_{t−1} by the DDIM update (Song et al. 2021, Eq. 12) at chain index t, given `p_mean_variance`'s
+        output: √ᾱ_{t−1}·x̂0 + √(1−ᾱ_{t−1}−σ²)·ε̂ + σ·z, σ = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}).
+        η = 0 is deterministic and never calls `noise()` (default `torch.randn_like`); neither does t = 0."""
         x0 = p["pred_x0"]
         ac, ac_prev = float(self.alphas_cumprod[t]), float(self.alphas_cumprod_prev[t])
         eps = self.predict_eps_from_x0(x_t, t, x0)  # consistent with the (possibly clipped) x̂0, as DDIM needs
         sigma = eta * math.sqrt((1.0 - ac_prev) / (1.0 - ac)) * math.sqrt(1.0 - ac / ac_prev)
         x_prev = math.sqrt(ac_prev) * x0 + math.sqrt(max(1.0 - ac_prev - sigma**2, 0.0)) * eps
         if sigma > 0.0 and t > 0:
-            x_prev = x_prev + sigma * draw()
+            x_prev = x_prev + sigma * (noise() if noise is not None else torch.randn_like(x_t))
         return x_prev
-
-    # ----------------------------------------------------------------- training objective
-
-    def vb_terms_bpd(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
-        """IDDPM bound term per sample [B], in bits/dim: KL(q ‖ p) for t > 0, decoder NLL at t = 0.
-
-        Computed in float32 or better whatever the inputs (safe under bf16 autocast).
-        """
-        if not self.learned_variance:
-            raise ValueError("vb_terms_bpd needs learned_variance=True (the bound only trains the variance)")
-        if x0.shape != x_t.shape:
-            raise ValueError(f"x0 shape {tuple(x0.shape)} != x_t shape {tuple(x_t.shape)}")
-        self._check_output(model_output, x_t)
-        t = self._steps(t, x_t)
-        dt = _float_at_least_32(model_output.dtype, x0.dtype, x_t.dtype)
-        x0, x_t = x0.to(dt), x_t.to(dt)
-        true_mean = self._posterior_mean(x0, x_t, t)
-        true_log_var = self._at("posterior_log_variance_clipped", t, x_t, dt)
-        p = self._p_mean_variance(model_output.to(dt), x_t, t, clip_x0=False)
-        kl = normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]).flatten(1).mean(1) / _LOG2
-        nll = -discretized_gaussian_log_likelihood(
-            x0, p["mean"], 0.5 * p["log_variance"], self.bin_width, *self.data_range
-        ).flatten(1).mean(1) / _LOG2
-        return torch.where(t == 0, nll, kl)
-
-    def training_losses(
-        self,
-        model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
-        x0: Tensor,
-        lr: Tensor,
-        kernel_gt: Tensor | None,
-        t: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        cfg: DiffusionConfig | None = None,
-        perceptual: Callable[[Tensor, Tensor], Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """Per-sample losses of paper Eq. (13) on a batch of HR images x0 [B, C, H, W] in the data range.
-
-        t ~ U{0, …, N−1} and ε ~ N(0, I) are drawn on the generator's device (CPU by default) and
-        moved, so a seed gives the same batch on any device. The model is called as
-        ``model(x_t, model_timesteps(t), lr) -> (out [B, 2C|C, H, W], kernel)``. Returns float32 [B]:
-        mse (MSE of the prediction, ε or x0, mean over C,H,W), vb (`vb_terms_bpd` on cat(ε̂.detach(), v), × N/1000 as IDDPM's
-        rescaled-MSE; 0 without learned variance), kernel (`kernel_loss`; 0 when kernel_gt is None)
-        perceptual (`perceptual(x̂0, x0)` [B], e.g. LPIPS, on the samples with t < perceptual_max_t·N, 0
-        elsewhere and without `perceptual`) and loss = mse + vb + λ·kernel + w·perceptual (a term of weight 0
-        is dropped, not multiplied). `cfg` supplies λ, w and the kernel loss kind; it defaults to the
-        chain's own config.
-        """
-        cfg = cfg if cfg is not None else (self.config if self.config is not None else DiffusionConfig())
-        if cfg.learned_variance != self.learned_variance:
-            raise ValueError(
-                f"cfg.learned_variance={cfg.learned_variance} but this chain has learned_variance="
-                f"{self.learned_variance}: build the chain with GaussianDiffusion.from_config(cfg)"
-            )
-        if x0.ndim < 3 or not x0.is_floating_point():
-            raise ValueError(f"x0 {x0.dtype} {tuple(x0.shape)}: expected float [B, C, ...] images in the data range")
-        if kernel_gt is None and cfg.kernel_loss_weight != 0:
-            raise ValueError(
-                f"kernel_loss_weight={cfg.kernel_loss_weight} needs kernel_gt; pass the batch's kernels or set it to 0"
-            )
-        batch, channels = x0.shape[:2]
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        if t is None:
-            t = torch.randint(0, self.num_steps, (batch,), generator=generator, device=draw_device)
-        t = self._steps(t.to(x0.device) if isinstance(t, Tensor) else t, x0)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=_float_at_least_32(x0.dtype))
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
-        x_t = self.q_sample(x0, t, noise)
-
-        result = model(x_t, self.model_timesteps(t), lr)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise ValueError(f"model returned {type(result).__name__}: it must return (out, kernel)")
-        out, kernel_pred = result
-        self._check_output(out, x0)
-        target = x0 if self.prediction == "x0" else noise
-        mse = (target.float() - out[:, :channels].float()).square().flatten(1).mean(1)
-
-        if self.learned_variance:
-            # The bound only trains the variance: the mean is frozen so L_vb cannot disturb ε̂ (IDDPM §3.1).
-            frozen = torch.cat([out[:, :channels].detach(), out[:, channels:]], dim=1)
-            vb = self.vb_terms_bpd(frozen, x0, x_t, t).float() * (self.num_steps / 1000.0)
-        else:
-            vb = torch.zeros_like(mse)
-
-        if kernel_gt is None:
-            kernel = torch.zeros_like(mse)
-        else:
-            if kernel_pred is None:
-                raise ValueError("kernel_gt was given but the model returned no kernel")
-            kernel = kernel_loss(kernel_pred, kernel_gt, cfg.kernel_loss).float()
-        loss = mse + vb
-        if cfg.kernel_loss_weight != 0:
-            loss = loss + cfg.kernel_loss_weight * kernel
-        perceptual_term = torch.zeros_like(mse)
-        if perceptual is not None and cfg.perceptual_loss_weight != 0:
-            late = torch.nonzero(t < cfg.perceptual_max_t * self.num_steps).flatten()
-            if late.numel():
-                pred = out[late, :channels]
-                x0_hat = pred if self.prediction == "x0" else self._x0_from_eps(x_t[late], t[late], pred)
-                low, high = self.data_range
-                scaled = ((x0_hat.float() - low) / (high - low)).clamp(0, 1)
-                perceptual_term = perceptual_term.index_put(
-                    (late,), perceptual(scaled, ((x0[late].float() - low) / (high - low))).float())
-            loss = loss + cfg.perceptual_loss_weight * perceptual_term
-        return {"loss": loss, "mse": mse, "vb": vb, "kernel": kernel, "perceptual": perceptual_term}

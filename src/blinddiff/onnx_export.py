@@ -38,7 +38,7 @@ from .config import Config
 from .fileio import atomic_write
 from .inference import MIN_LR_SIZE, SampleOptions, load_model
 from .model import MCFormer
-from .sampling import sampling_chain
+from .sampling import reverse_step, sampling_chain
 
 if TYPE_CHECKING:
     import onnx
@@ -61,12 +61,13 @@ class FidelityStep(nn.Module):
         self.options = SampleOptions.for_mode("fidelity")
         self.chain = sampling_chain(cfg.diffusion, self.options.steps)
         self.timestep = int(self.chain.timestep_map[0])  # T−1: one jump from pure noise
+        self.update = reverse_step(self.chain, self.options.sampler, self.options.eta)
 
     def forward(self, image: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.full((image.shape[0],), self.timestep, dtype=torch.long, device=image.device)
         out, kernel = self.network(noise, t, image)
         p = self.chain.p_mean_variance(out, noise, 0, clip_x0=True)
-        result = self.chain.step(p, noise, 0, sampler=self.options.sampler, eta=self.options.eta)
+        result = self.update(p, noise, 0)
         return result.clamp(0.0, 1.0), kernel
 
 

@@ -11,8 +11,8 @@ optimisation of paper §3). The sampler is a plain function over a denoiser call
 forward; nothing here knows the architecture. The paper's ablations are arguments, not forks: the data
 term is a callable built by `kernel_aware_energy` (Algorithm 2), `bicubic_energy` (Table 3's fixed
 bicubic term) or None (ζ = 0 of Table 4); `known_kernel` wraps a denoiser to report the ground-truth
-kernel (the non-blind upper bound); the reverse update itself is the schedule's (`GaussianDiffusion.step`,
-DDPM or DDIM).
+kernel (the non-blind upper bound); the reverse update itself is the schedule's
+(`GaussianDiffusion.ddpm_step` or `ddim_step`, chosen by `reverse_step`).
 
 Unlike the authors' release, the autograd graph of a step is freed before the next one, any batch
 size and scale work, and an image of any size can be processed as overlapping windows (`sample_windows`),
@@ -23,6 +23,7 @@ each running the whole reverse process, so memory follows the window and not the
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import sys
@@ -41,7 +42,7 @@ from .diffusion import DiffusionConfig, GaussianDiffusion, space_timesteps
 __all__ = [
     "GRADIENTS", "GUIDANCE", "KERNEL_GUIDANCE", "NOISE_FLOOR", "SAMPLERS", "PositionalNoise", "StepInfo", "Window",
     "bicubic_energy", "data_term", "kernel_aware_energy", "known_kernel", "noise_aware_energy", "noise_weights",
-    "sample", "sample_windows", "sampling_chain", "window_grid",
+    "reverse_step", "sample", "sample_windows", "sampling_chain", "window_grid",
 ]
 
 GUIDANCE = ("noise-aware", "kernel-aware", "bicubic", "none")  # the data terms by name (`data_term`)
@@ -80,6 +81,13 @@ def sampling_chain(diffusion_cfg: DiffusionConfig, steps: int) -> GaussianDiffus
     # one step means one jump from pure noise, not the nearly noise-free step 0
     kept = [total - 1] if steps == 1 else space_timesteps(total, int(steps))
     return base.respace(kept)
+
+
+def reverse_step(chain: GaussianDiffusion, sampler: str = "ddpm", eta: float = 0.0) -> Callable[..., Tensor]:
+    """The update x'_{t−1} of Algorithm 2's step 2 that `sampler` names, as ``(p, x_t, t, *, noise)``:
+    `chain.ddpm_step`, or `chain.ddim_step` with `eta`."""
+    _check_choice("sampler", sampler, SAMPLERS)
+    return chain.ddpm_step if sampler == "ddpm" else functools.partial(chain.ddim_step, eta=eta)
 
 
 def kernel_aware_energy(lr: Tensor, scale: int, downsample: str = "bicubic", *,
@@ -514,8 +522,8 @@ def sample(
     """BlindDiff's MAP reverse process (paper Algorithm 2, docs/method.md §4) → (sr [B, C, s·h, s·w] in [0, 1], k̂).
 
     Per step of `chain` (from `sampling_chain`), from T to 1: (1) out, k̂_t = denoiser(x_t, t, y);
-    (2) x̂0 (clipped to [0, 1]) and x'_{t−1} = `chain.step` (DDPM posterior with the learned variance, or
-    DDIM with `eta`; no noise at the last step); (3) E = data_term(x̂0, k̂_t); (4) x_{t−1} = x'_{t−1} −
+    (2) x̂0 (clipped to [0, 1]) and x'_{t−1} = `chain.ddpm_step` (the posterior with the learned variance) or
+    `chain.ddim_step` (with `eta`), no noise at the last step; (3) E = data_term(x̂0, k̂_t); (4) x_{t−1} = x'_{t−1} −
     ζ·∂E/∂x_t, then detached. `gradient="xt"` back-propagates E through the network to x_t (the paper; no
     parameter gradients); "x0" runs the network without autograd and uses ∂E/∂x̂0 in place of ∂E/∂x_t
     (cheaper, an approximation). No data term or ζ = 0 computes no gradient at all.
@@ -553,6 +561,7 @@ def sample(
         raise ValueError(f"noise must be a PositionalNoise with one seed per image ({batch})")
     box = (int(origin[0]), int(origin[1]), scale * h, scale * w)
     guided = data_term is not None and zeta > 0.0
+    step = reverse_step(chain, sampler, eta)
     if not guided and callback is None:
         data_term = None  # E would only be reported: not worth its image-sized tensors
 
@@ -565,8 +574,7 @@ def sample(
         for order, index in enumerate(range(chain.num_steps - 1, -1, -1)):
             p, kernel, energy, grad = _evaluate(denoiser, x, index, chain, lr, data_term, guided, gradient)
             with torch.no_grad(), _no_autocast(device):
-                x_next = chain.step(p, x, index, sampler=sampler, eta=eta,
-                                    noise=lambda: noise(order + 1, channels, box, device, x.dtype))
+                x_next = step(p, x, index, noise=lambda: noise(order + 1, channels, box, device, x.dtype))
                 if grad is not None:
                     x_next = x_next - zeta * grad.to(x_next.dtype)
             kernel = kernel.detach()

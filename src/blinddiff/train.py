@@ -1,5 +1,9 @@
 """Training MCFormer (docs/method.md §3, paper Eq. 13): one flat loop, from a laptop CPU to torchrun DDP clusters.
 
+`train_step` is one optimisation step on the objective of `losses.training_losses` (the benchmarks call it
+too); `train` is the loop around it: data, degradations, EMA, learning-rate schedule, logging and the
+checkpoints of `checkpoint.save_training_state` / `restore_training_state`.
+
 Every source of randomness is derived from (seed, step, rank) or (seed, epoch, index): the batch a
 step sees does not depend on what ran before it, so `--resume` after any interruption (even `kill -9`)
 continues bit-identically from the last checkpoint. Rank 0 logs and writes checkpoints; the others wait
@@ -12,28 +16,32 @@ import bisect
 import copy
 import json
 import math
-import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoint import check_state_fits, checkpoint_index, complete_checkpoints, load_latest_checkpoint, load_weights, \
-    prefixed, prune_checkpoints, resolve_weights, save_sharded, save_weights
+from .checkpoint import complete_checkpoints, load_matching, load_weights, prefixed, resolve_weights, \
+    restore_training_state, save_training_state, save_weights
 from .config import Config, load_config, save_config
 from .data import HRPatches, TrainingDegradation, derive_seed
 from .diffusion import GaussianDiffusion
 from .fileio import finite_or_null, remove_temporaries
 from .hardware import autocast, resolve_precision, setup_runtime
 from .kernels import fit_kernel_pca
+from .losses import loss_settings, training_losses
 from .model import MCFormer
+
+__all__ = ["EMA", "LOGGED_LOSSES", "StepBatches", "TrainResult", "build_model", "init_weights", "lr_factor",
+           "prepare_run", "train", "train_step"]
 
 
 class StepBatches(Sampler):
@@ -106,23 +114,6 @@ def lr_factor(step: int, cfg: Config) -> float:
     return warm * cfg.train.lr_gamma ** bisect.bisect_right(cfg.train.lr_milestones, step)
 
 
-def rng_state() -> dict:
-    """Every global RNG, in a form `torch.load(weights_only=True)` accepts."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Logger:
     """Rank-0 logging to stdout, `RUN/log.jsonl` and TensorBoard (when installed)."""
 
@@ -184,10 +175,40 @@ LOGGED_LOSSES = ("loss", "mse", "vb", "kernel", "perceptual")  # the terms of tr
 NONFINITE_LIMIT = 5  # losses in a row that are NaN/inf before a run counts as diverged
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str, config_name: str) -> None:
-    """load_state_dict after `checkpoint.check_state_fits` (one line naming the source, not a page of mismatches)."""
-    check_state_fits(state, model.state_dict(), where, config_name)
-    model.load_state_dict(state)
+def train_step(model: nn.Module, schedule: GaussianDiffusion, batch: tuple[Tensor, Tensor, Tensor | None],
+               optimizer: torch.optim.Optimizer, *, generator: torch.Generator | None = None,
+               precision: str = "fp32", grad_clip: float = 0.0, skip_above: float = math.inf,
+               perceptual: Callable[[Tensor, Tensor], Tensor] | None = None, **loss_options: Any) -> dict[str, Any]:
+    """One optimisation step on paper Eq. (13) (docs/method.md §3; paper Algorithm 1).
+
+    `batch` is (hr, lr, kernel) from the degradation; `losses.training_losses` draws t and ε from `generator`
+    and runs `model` (unwrapped, DDP or compiled) under `precision`'s autocast; `loss_options` are its loss
+    weights (`losses.loss_settings(cfg.diffusion)`). After the backward pass the batch means of the terms are
+    averaged over the DDP ranks, so every rank takes the same decision: a mean loss that is not finite or
+    above `skip_above` skips the update (gradients dropped), otherwise the gradients are clipped to norm
+    `grad_clip` (when > 0) and the optimizer steps. Returns the mean of each of `LOGGED_LOSSES`, "grad_norm"
+    (before clipping; 0 without clipping or when skipped) and "skipped".
+    """
+    hr, lr, kernel = batch
+    with autocast(precision, hr.device):
+        losses = training_losses(schedule, model, hr, lr, kernel, generator=generator, perceptual=perceptual,
+                                 **loss_options)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].mean().backward()
+    summary = torch.stack([losses[k].detach().mean() for k in LOGGED_LOSSES])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(summary)
+        summary /= dist.get_world_size()
+    result: dict[str, Any] = dict(zip(LOGGED_LOSSES, summary.tolist()))
+    skipped = not math.isfinite(result["loss"]) or result["loss"] > skip_above
+    grad_norm = 0.0
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        if grad_clip > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        optimizer.step()
+    return {**result, "grad_norm": grad_norm, "skipped": skipped}
 
 
 @dataclass
@@ -230,19 +251,13 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         remove_temporaries(run)  # left by a kill -9 during a write
         remove_temporaries(ckpt_dir)
     runtime.barrier()
-    latest = load_latest_checkpoint(ckpt_dir) if resume else None
-    if latest is not None:
-        start, tensors, state = latest
-        where = f"checkpoint {checkpoint_index(ckpt_dir, start)} (the run's config plus --set)"
-        load_matching(model, prefixed(tensors, "model."), where, cfg.name)
-        load_matching(ema.model, prefixed(tensors, "ema."), where, cfg.name)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        loss_avg, skipped = state["loss_avg"], state["skipped"]
+    restored = restore_training_state(ckpt_dir, cfg, model, ema.model, optimizer, scheduler) if resume else None
+    if restored is not None:
+        start, counters = restored
+        loss_avg, skipped = counters["loss_avg"], counters["skipped"]
     elif resume and runtime.main:
         print(f"no checkpoint in {ckpt_dir}: starting from step 0", flush=True)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    schedule = GaussianDiffusion.from_config(cfg.diffusion)
     perceptual = None
     if cfg.diffusion.perceptual_loss_weight > 0:  # frozen LPIPS (the installed weights), a loss on x̂0
         from .metrics.perceptual import LPIPS
@@ -269,22 +284,6 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def save(step: int) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # same on every rank
-            raise FloatingPointError(f"training stopped at step {step}: the weights are no longer finite "
-                                     f"(train.lr={tc.lr:g} is probably too high); nothing was saved, the "
-                                     f"checkpoints in {ckpt_dir} are intact")
-        runtime.barrier()
-        if runtime.main:
-            tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                       **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": rng_state(), "loss_avg": loss_avg, "skipped": skipped, "world": runtime.world}
-            save_sharded(checkpoint_index(ckpt_dir, step), tensors, cfg, state=state, step=step,
-                         shard_bytes=int(tc.checkpoint_shard_mb * 2**20))
-            prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-        runtime.barrier()
-
     metrics: dict = {}
     bad_in_a_row = 0
     window = {**dict.fromkeys(LOGGED_LOSSES, 0.0), "n": 0}
@@ -295,39 +294,28 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
         hr = next(data_iter).to(device, non_blocking=True)
         generator = torch.Generator().manual_seed(derive_seed(tc.seed, step, runtime.rank, 1))
         with torch.no_grad():
-            hr, lr, kernel = degradation(hr, generator)
-        with autocast(precision, device):
-            losses = diffusion.training_losses(step_model, hr, lr, kernel, generator=generator, cfg=cfg.diffusion,
-                                               perceptual=perceptual)
-        loss = losses["loss"].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        summary = torch.stack([losses[k].detach().mean() for k in LOGGED_LOSSES])
-        if runtime.world > 1:
-            dist.all_reduce(summary)
-            summary /= runtime.world
-        value = float(summary[0])
-        spike = not math.isfinite(value) or (tc.spike_factor > 0 and step - start >= 20 and math.isfinite(loss_avg)
-                                             and value > tc.spike_factor * loss_avg)
+            batch = degradation(hr, generator)
+        settled = tc.spike_factor > 0 and step - start >= 20 and math.isfinite(loss_avg)  # a spike is measurable
+        result = train_step(step_model, schedule, batch, optimizer, generator=generator, precision=precision,
+                            grad_clip=tc.grad_clip, skip_above=tc.spike_factor * loss_avg if settled else math.inf,
+                            perceptual=perceptual, **loss_settings(cfg.diffusion))
+        value = result["loss"]
         bad_in_a_row = bad_in_a_row + 1 if not math.isfinite(value) else 0
         if bad_in_a_row >= NONFINITE_LIMIT:  # a diverged run does not recover: stop before exporting garbage
             raise FloatingPointError(f"training stopped at step {step + 1}: the loss was not finite for "
                                      f"{NONFINITE_LIMIT} steps in a row (train.lr={tc.lr:g}); lower train.lr or "
                                      f"check the data; the checkpoints in {ckpt_dir} are intact")
-        if spike:  # all ranks see the same reduced loss, so they skip together
+        if result["skipped"]:  # all ranks see the same reduced loss, so they skip together
             skipped += 1
-            optimizer.zero_grad(set_to_none=True)
             if runtime.main:
                 logger.log({"step": step + 1, "skipped_loss": value, "skipped_total": skipped})
         else:
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)) if tc.grad_clip > 0 else 0.0
-            optimizer.step()
             ema.update(model, step)
             loss_avg = value if not math.isfinite(loss_avg) else 0.98 * loss_avg + 0.02 * value
-            for key, v in zip(LOGGED_LOSSES, summary.tolist()):
-                window[key] += v
+            for key in LOGGED_LOSSES:
+                window[key] += result[key]
             window["n"] += 1
-            window["grad_norm"] = grad_norm
+            window["grad_norm"] = result["grad_norm"]
         scheduler.step()
         if bar is not None:
             bar.update(1)
@@ -349,7 +337,16 @@ def train(cfg: Config, run: str | Path, resume: bool = False, progress: bool = T
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = bool(flag.item())
         if done % tc.checkpoint_every == 0 or done == tc.steps or out_of_time:
-            save(done)
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the same on every rank
+                raise FloatingPointError(f"training stopped at step {done}: the weights are no longer finite "
+                                         f"(train.lr={tc.lr:g} is probably too high); nothing was saved, the "
+                                         f"checkpoints in {ckpt_dir} are intact")
+            runtime.barrier()
+            if runtime.main:
+                save_training_state(ckpt_dir, done, cfg, model, ema.model, optimizer, scheduler,
+                                    keep=tc.keep_checkpoints, shard_bytes=int(tc.checkpoint_shard_mb * 2**20),
+                                    loss_avg=loss_avg, skipped=skipped, world=runtime.world)
+            runtime.barrier()
         if out_of_time:
             break
     if bar is not None:
