@@ -48,6 +48,19 @@ def run_child(command: list[str]) -> tuple[int, float, int]:
     return child.returncode, seconds, peak
 
 
+def output_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the result, read from its header; the file is then deleted (it can be GBs). The result
+    of a 4000×3000 photo at ×4 is 192 MP, above Pillow's decompression-bomb limit, which guards untrusted input,
+    not this tool's own output."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+        path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1024x768"], help="input sizes WIDTHxHEIGHT")
@@ -68,7 +81,7 @@ def main() -> None:
             command = [sys.executable, "-m", "blinddiff.cli", "upscale", str(source), "--out", str(Path(folder) / "out"),
                        "--weights", args.weights, "--mode", args.mode, "--no-progress", *args.flags.split()]
             status, seconds, peak = run_child(command)
-            out_size = Image.open(Path(folder) / "out" / source.name).size if status == 0 else (0, 0)
+            out_size = output_size(Path(folder) / "out" / source.name) if status == 0 else (0, 0)
             megapixels = max(out_size[0] * out_size[1], 1) / 1e6
             row = (f"| {width}×{height} | {out_size[0]}×{out_size[1]} | {args.mode} | {args.flags or '(none)'} | "
                    f"{peak / 2**30:.2f} GiB | {seconds:.0f} | {seconds / megapixels:.1f} |" if status == 0 else

@@ -471,7 +471,7 @@ def test_lpips_weight_errors(tmp_path):
 
 LPIPS_EXAMPLES = Path(__file__).parent / "data" / "lpips_examples"
 # LPIPS v0.1 distances ex_ref–ex_p0 and ex_ref–ex_p1 given by the lpips package's own code with the
-# ImageNet backbones (alex matches the (0.722, 0.138) of the lpips repository's issue #120)
+# ImageNet backbones (alex matches the (0.722, 0.138) the lpips package reports for it)
 LPIPS_REFERENCE = {"alex": (0.7219, 0.1376), "vgg": (0.5686, 0.4217)}
 
 

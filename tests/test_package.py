@@ -111,3 +111,9 @@ def test_the_former_perceptual_module_still_gives_the_metric_networks() -> None:
 
     assert {"LPIPS", "DISTS", "load_perceptual"} <= set(former.__all__)
     assert all(getattr(former, name) is getattr(home, name) for name in former.__all__)
+
+
+def test_the_module_map_names_every_module() -> None:
+    """The package docstring is the map a reader starts from: a new module missing from it fails here."""
+    top_level = {info.name for info in pkgutil.iter_modules(blinddiff.__path__)}
+    assert sorted(name for name in top_level if f"`{name}`" not in blinddiff.__doc__) == []

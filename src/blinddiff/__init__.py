@@ -16,7 +16,8 @@ The package reads like the method (docs/method.md has the paper element → modu
   `report` for the tables, plots and report.html), `peers` (Real-ESRGAN, RealSR, SRMD and classical
   deblurring baselines);
 - around them: `fileio` (images, kernels and atomic writes), `hardware` (devices, precision, ranks),
-  `demo`, and `cli` (the `blinddiff` command).
+  `demo`, `serve` (the local web UI), `onnx_export` (the fidelity mode as one ONNX graph), and `cli` (the
+  `blinddiff` command).
 """
 
 __version__ = "0.1.0"
