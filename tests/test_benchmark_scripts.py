@@ -134,3 +134,20 @@ def test_tiling_memory_reports_each_size_with_the_peak_memory_of_its_run(weights
     peaks = [float(row.split(" | ")[4].split()[0]) for row in rows]
     assert all(0.05 < peak < 1.5 for peak in peaks)  # the child's RSS in GiB, not this process's or zero
     assert "--max-memory 440MiB" in rows[0]
+
+
+def test_training_throughput_gives_a_row_per_variant_in_the_chosen_precision(hr_folder: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    args = ["--presets", "tiny", "--steps", "2", "--crop", "32", "--precision", "fp32",
+            "--set", f"data.root={hr_folder}", "--variants", "dw:", "g4:model.mixer_group_width=4 model.ffn_expansion=2.5"]
+    assert run_script("training_throughput.py", *args, monkeypatch=monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "fp32 roofline: conv3x3_64ch" in out and "MFU (of best fp32 conv roofline)" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| tiny")]
+    assert [row[0] for row in rows] == ["| tiny dw", "| tiny g4"]
+    (dw_params, dw_gflop), (g4_params, g4_gflop) = ((float(row[1].split()[0]), float(row[5])) for row in rows)
+    assert g4_params > dw_params and g4_gflop > dw_gflop  # the grouped 3×3 mixing holds more weights and work
+    assert all(float(row[3]) > 0 and 0 < float(row[7].split()[0]) for row in rows)  # patches/s and MFU
+    assert run_script("training_throughput.py", "--variants", "no-colon", monkeypatch=monkeypatch) == 2
+    assert "LABEL:OVERRIDES" in capsys.readouterr().err

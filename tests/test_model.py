@@ -14,6 +14,7 @@ from blinddiff.model import (
     MCFormer,
     MCFormerConfig,
     ModulatedLayerNorm,
+    ModulatedTransformerBlock,
     TransposedAttention,
     count_parameters,
     describe_complexity,
@@ -21,6 +22,8 @@ from blinddiff.model import (
 
 TINY = dict(width=8, blocks=(1, 1, 1, 1), heads=(1, 1, 1, 1), refinement_blocks=1,
             estimator_depth=2, estimator_width=8, kernel_size=7)
+# TINY with grouped 3×3 mixing: expansion 2.5 makes the GDFN hidden widths 20, 40, 80, 160, multiples of 4
+GROUPED = dict(ffn_expansion=2.5, mixer_group_width=4)
 
 
 def tiny(**overrides) -> MCFormer:
@@ -250,6 +253,78 @@ def test_describe_complexity():
         describe_complexity(cfg, 0)
 
 
+def block_widths(cfg: MCFormerConfig) -> list[tuple[int, int]]:
+    """(channels d, level) of every transformer block of the network, from the layout of docs/method.md §2."""
+    dims, top = [cfg.width * 2**i for i in range(cfg.levels)], 2 * cfg.width
+    encoder = [(dims[i], i) for i in range(cfg.levels - 1) for _ in range(cfg.blocks[i])]
+    latent = [(dims[-1], cfg.levels - 1)] * cfg.blocks[-1]
+    decoder = [(dims[i] if i > 0 else top, i) for i in range(cfg.levels - 1) for _ in range(cfg.blocks[i])]
+    return encoder + latent + decoder + [(top, 0)] * cfg.refinement_blocks
+
+
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_a_block_holds_the_closed_form_parameter_count(g):
+    d, heads, cond = 16, 2, 8
+    h = int(d * 2.5)
+    block = ModulatedTransformerBlock(d, heads, 2.5, cond, group_width=g)
+    assert block.attn.qkv_dwconv.weight.shape == (3 * d, g, 3, 3)
+    assert block.ffn.dwconv.weight.shape == (2 * h, g, 3, 3)
+    expected = 4 * d + 4 * d * d + 27 * d * g + heads + 3 * d * h + 18 * h * g + 4 * d * cond + 4 * d
+    assert count_parameters(block) == expected
+
+
+def test_grouped_mixing_adds_exactly_its_weights_and_flops():
+    dw, grouped = MCFormerConfig(**TINY, ffn_expansion=2.5), MCFormerConfig(**TINY, **GROUPED)
+    blocks = block_widths(dw)
+    extra = grouped.mixer_group_width - 1  # inputs per output tap beyond the depth-wise one
+    size = 64
+    info_dw, info_g = describe_complexity(dw, size), describe_complexity(grouped, size)
+    # 3×3 mixing: 3d channels (q, k, v) + 2h (gate, value), 9 taps, per pixel of the block's level
+    assert info_g["parameters"] - info_dw["parameters"] == sum(9 * (3 * d + 2 * int(d * 2.5)) * extra
+                                                               for d, _ in blocks)
+    extra_flops = sum(2 * 9 * (3 * d + 2 * int(d * 2.5)) * extra * (size // 2**level) ** 2 for d, level in blocks)
+    assert round((info_g["gflops"] - info_dw["gflops"]) * 1e9) == extra_flops
+
+
+def test_grouped_mixing_keeps_the_outputs_and_the_kernel_head():
+    model = tiny(**GROUPED).eval()
+    dw = tiny(ffn_expansion=2.5)
+    assert model.kernel_estimator.state_dict().keys() == dw.kernel_estimator.state_dict().keys()
+    # the same parameter names; only the 3×3 mixing weights change shape, [C, 1, 3, 3] → [C, g, 3, 3]
+    changed = {name for name, value in model.state_dict().items() if value.shape != dw.state_dict()[name].shape}
+    assert model.state_dict().keys() == dw.state_dict().keys() and changed
+    assert all(name.endswith(("qkv_dwconv.weight", "ffn.dwconv.weight")) for name in changed)
+    x_t, t, lr = inputs()
+    with torch.no_grad():
+        out, kernel = model(x_t, t, lr)
+    assert out.shape == (2, 6, 32, 24) and torch.isfinite(out).all()
+    assert_valid_kernels(kernel, 2, 7)
+
+
+def test_mixer_group_width_is_set_from_a_config_and_round_trips():
+    from blinddiff.config import config_from_dict, config_to_dict, load_config
+
+    cfg = load_config("tiny", ["model.mixer_group_width=4", "model.ffn_expansion=2.5"])
+    assert cfg.model.mixer_group_width == 4 and config_from_dict(config_to_dict(cfg)).model == cfg.model
+    assert load_config("tiny").model.mixer_group_width == 1
+    with pytest.raises(ValueError, match="model: MCFormerConfig.mixer_group_width=3 "):
+        load_config("tiny", ["model.mixer_group_width=3"])
+
+
+def test_shipped_weights_load_bit_identically_with_depthwise_mixing():
+    from blinddiff import checkpoint
+
+    path = checkpoint.resolve_weights("fast-x4")
+    state, cfg, _ = checkpoint.load_weights(path)
+    assert cfg.model.mixer_group_width == 1  # written before the option existed: the default
+    model = MCFormer(cfg.model)
+    model.load_state_dict(state, strict=True)
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    assert model.latent[0].attn.qkv_dwconv.groups == model.latent[0].attn.qkv_dwconv.in_channels
+
+
 # --- numerics ----------------------------------------------------------------
 
 
@@ -322,9 +397,10 @@ def assert_same_function(module, naive, inputs, atol=1e-5):
 
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_transposed_attention_matches_naive_formula(heads, channels_last):
+@pytest.mark.parametrize("group_width", [1, 4])
+def test_transposed_attention_matches_naive_formula(heads, channels_last, group_width):
     torch.manual_seed(0)
-    attn = TransposedAttention(8, heads=heads)
+    attn = TransposedAttention(8, heads=heads, group_width=group_width)
     with torch.no_grad():
         attn.temperature.copy_(torch.tensor([0.5, 2.0][:heads]).view(heads, 1, 1))
     x = torch.randn(2, 8, 5, 7)
@@ -376,9 +452,10 @@ def test_attention_gradient_with_a_zero_channel():
     assert_gradient_matches_finite_differences(lambda z: (attn(z) * weights).sum(), x)
 
 
-def test_gated_feed_forward_matches_naive_formula():
+@pytest.mark.parametrize("group_width", [1, 3])
+def test_gated_feed_forward_matches_naive_formula(group_width):
     torch.manual_seed(0)
-    ffn = GatedFeedForward(6, 2.66)
+    ffn = GatedFeedForward(6, 2.66, group_width)  # 15 hidden channels
     x = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
 
     def naive(x):
@@ -454,6 +531,10 @@ def test_sinusoidal_time_features():
         (dict(blocks=(1, -1, 1, 1)), "blocks"),
         (dict(refinement_blocks=-1), "refinement_blocks"),
         (dict(kernel_size=0), "kernel_size"),
+        (dict(mixer_group_width=0), "mixer_group_width"),
+        (dict(mixer_group_width=3), r"mixer_group_width=3 .*allowed values here: \[1\]"),  # width 8
+        (dict(mixer_group_width=8, ffn_expansion=2.5), r"allowed values here: \[1, 2, 4\]"),  # hidden 20
+        (dict(mixer_group_width=4), r"allowed values here: \[1\], or set ffn_expansion=3 "),  # hidden 21
     ],
 )
 def test_invalid_configs_raise(overrides, match):

@@ -30,9 +30,10 @@ refinement           273,374  2·136,687
 io                     7,776  3×3 conv 6→48 in, 3×3 conv 96→6 out (no bias)
 ================  ==========  ===========================================================
 
-One block at d channels (h = int(2.66·d) hidden, conditioning width C = 48) holds
-4d (two LayerNorms, weight + bias) + 4d² + 27d + heads (MDTA: 1×1 qkv, depth-wise 3×3,
-1×1 out, temperatures) + 3dh + 18h (GDFN) + 4d·C + 4d (modulation Linear with bias);
+One block at d channels (h = int(2.66·d) hidden, conditioning width C = 48, g = ``mixer_group_width``
+channels per group of the 3×3 mixing convs, 1 = depth-wise in the paper) holds
+4d (two LayerNorms, weight + bias) + 4d² + 27d·g + heads (MDTA: 1×1 qkv, grouped 3×3,
+1×1 out, temperatures) + 3dh + 18h·g (GDFN) + 4d·C + 4d (modulation Linear with bias);
 every conv of the backbone is bias-free (Restormer's ``bias=False``). The decoder mirrors the
 encoder's block counts (levels 3, 2, 1 get blocks[2], blocks[1], blocks[0]); level 1 of the
 decoder and the refinement run at 2C channels, hence 136,687 = a 96-channel block with 1 head.
@@ -82,11 +83,16 @@ class MCFormerConfig:
     # puts the top level at LR resolution, where the information is (the CPU-efficient presets).
     patch_size: int = 1
     time_hidden_mult: int = 4  # hidden width of the time MLP = time_hidden_mult * width (release: 4)
+    # Channels per group of the 3×3 spatial mixing convs of MDTA (on q, k, v) and GDFN (on gate, value):
+    # 1 = depth-wise, the paper. g > 1 mixes g channels per group (groups = channels // g), denser work for
+    # a CPU's matrix units; g must divide every block width and every GDFN hidden width int(d·ffn_expansion).
+    mixer_group_width: int = 1
 
     def __post_init__(self) -> None:
         self.blocks, self.heads = _int_tuple("blocks", self.blocks), _int_tuple("heads", self.heads)
         for name in ("channels", "width", "kernel_size", "estimator_depth", "estimator_width",
-                     "pca_code_length", "time_hidden_mult", "refinement_blocks", "patch_size"):
+                     "pca_code_length", "time_hidden_mult", "refinement_blocks", "patch_size",
+                     "mixer_group_width"):
             value = getattr(self, name)
             low = 0 if name == "refinement_blocks" else 1
             if not _is_int(value) or value < low:
@@ -111,6 +117,7 @@ class MCFormerConfig:
                 )
         if not self.ffn_expansion > 0 or int(self.width * self.ffn_expansion) < 1:
             raise ValueError(f"MCFormerConfig.ffn_expansion must be > 0, got {self.ffn_expansion}")
+        _check_mixer_group_width(self)
         if self.residual_over not in _RESIDUALS:
             raise ValueError(f"MCFormerConfig.residual_over must be one of {_RESIDUALS}, got {self.residual_over!r}")
         if self.kernel_head not in _KERNEL_HEADS:
@@ -135,6 +142,30 @@ class MCFormerConfig:
         return self.patch_size * 2 ** (self.levels - 1)
 
 
+def _check_mixer_group_width(cfg: MCFormerConfig) -> None:
+    """``mixer_group_width`` must divide the channels of every grouped 3×3 conv: the block widths
+    width·2^i (the top decoder level and the refinement run at 2·width, one of them) and the GDFN hidden
+    widths int(d·ffn_expansion)."""
+    g = cfg.mixer_group_width
+    widths = [cfg.width * 2**level for level in range(cfg.levels)]
+    hidden = [int(d * cfg.ffn_expansion) for d in widths]
+    if all(c % g == 0 for c in widths + hidden):
+        return
+    common = math.gcd(*widths, *hidden)
+    allowed = [v for v in range(1, common + 1) if common % v == 0]
+    hint = ""
+    if all(d % g == 0 for d in widths):
+        # an expansion (3 decimals) that rounds the top hidden width up to a multiple of g, if every level follows
+        expansion = math.ceil(math.ceil(hidden[0] / g) * g / cfg.width * 1000) / 1000
+        if all(int(d * expansion) % g == 0 for d in widths):
+            hint = f", or set ffn_expansion={expansion:g} (hidden widths {[int(d * expansion) for d in widths]})"
+    raise ValueError(
+        f"MCFormerConfig.mixer_group_width={g} must divide the channels of every grouped 3×3 conv: the block "
+        f"widths {widths} and the GDFN hidden widths {hidden} (int(d·ffn_expansion)); allowed values here: "
+        f"{allowed}{hint}"
+    )
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -150,7 +181,8 @@ def _int_tuple(name: str, value: object) -> tuple[int, ...]:
 
 
 def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of ``module`` (trainable or not)."""
+    """Number of parameters of ``module`` (trainable or not); a grouped conv holds Cout·(Cin/groups)·k²
+    weights, so a block's 3×3 mixing holds 27d·g + 18h·g (module docstring)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -201,30 +233,32 @@ class TransposedAttention(nn.Module):
     """MDTA (Restormer): attention across channels, so cost is linear in H·W (docs/method.md §2).
 
     ``y = project_out(softmax(T·q̂k̂ᵀ)·v)`` for each head, with (q, k, v) = dwconv3×3(qkv(x)) split in
-    thirds, a head's c = d/heads channels taken as rows of length H·W, q̂ and k̂ those rows L2-normalised,
-    and T the head's learned temperature: the attention matrix is c×c.
+    thirds (the 3×3 conv depth-wise, or in groups of ``group_width`` channels), a head's c = d/heads
+    channels taken as rows of length H·W, q̂ and k̂ those rows L2-normalised, and T the head's learned
+    temperature: the attention matrix is c×c.
 
     How it runs (fast paths, end of file): q, k, v from their thirds of the weights, the cosine Gram
-    matrix and the depth-wise convolutions with hand-written backwards, and for one head the output
+    matrix and the depth-wise convolutions (g = 1) with hand-written backwards, and for one head the output
     projection folded into the attention matrix.
     """
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, group_width: int = 1) -> None:
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
         self.qkv = nn.Conv2d(dim, 3 * dim, kernel_size=1, bias=False)
-        self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, kernel_size=3, padding=1, groups=3 * dim, bias=False)
+        self.qkv_dwconv = nn.Conv2d(3 * dim, 3 * dim, kernel_size=3, padding=1, groups=3 * dim // group_width,
+                                    bias=False)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, d, H, W] in channels-last memory, so the views below are free.
         b, d, h, w = x.shape
         c = d // self.heads
-        # q, k, v from their own thirds of the 1×1 and depth-wise weights: three contiguous maps, so the
+        # q, k, v from their own thirds of the 1×1 and 3×3 weights: three contiguous maps, so the
         # backward adds three gradients instead of stacking them into a 3d-channel buffer.
         q, k, v = (
-            _depthwise3x3(_pointwise(x, w_in), w_dw).permute(0, 2, 3, 1).reshape(b, h * w, self.heads, c)
+            _grouped3x3(_pointwise(x, w_in), w_dw).permute(0, 2, 3, 1).reshape(b, h * w, self.heads, c)
             for w_in, w_dw in zip(self.qkv.weight.split(d), self.qkv_dwconv.weight.split(d))
         )  # [B, HW, heads, c] each
         cos = _CosineGram.apply(q.permute(0, 2, 3, 1), k.permute(0, 2, 3, 1))  # [B, heads, c, c]
@@ -246,23 +280,25 @@ class TransposedAttention(nn.Module):
 
 
 class GatedFeedForward(nn.Module):
-    """GDFN (Restormer): ``y = project_out(GELU(g) ⊙ v)``, (g, v) = dwconv3×3(project_in(x)) split in halves.
+    """GDFN (Restormer): ``y = project_out(GELU(g) ⊙ v)``, (g, v) = dwconv3×3(project_in(x)) split in halves
+    (the 3×3 conv depth-wise, or in groups of ``group_width`` channels).
 
     How it runs: g and v come from their own halves of the weights (fast paths, end of file).
     """
 
-    def __init__(self, dim: int, expansion: float) -> None:
+    def __init__(self, dim: int, expansion: float, group_width: int = 1) -> None:
         super().__init__()
         self.hidden = hidden = int(dim * expansion)
         self.project_in = nn.Conv2d(dim, 2 * hidden, kernel_size=1, bias=False)
-        self.dwconv = nn.Conv2d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden, bias=False)
+        self.dwconv = nn.Conv2d(2 * hidden, 2 * hidden, kernel_size=3, padding=1, groups=2 * hidden // group_width,
+                                bias=False)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         # gate and value from their own halves of the weights (not a chunk of one 2·hidden map): each is
         # contiguous, so GELU and the product run vectorised, and the backward needs no concatenation.
         gate, value = (
-            _depthwise3x3(_pointwise(x, w_in), w_dw)
+            _grouped3x3(_pointwise(x, w_in), w_dw)
             for w_in, w_dw in zip(self.project_in.weight.split(self.hidden), self.dwconv.weight.split(self.hidden))
         )  # [B, hidden, H, W] each
         return _pointwise(F.gelu(gate) * value, self.project_out.weight)
@@ -280,12 +316,12 @@ class ModulatedTransformerBlock(nn.Module):
     applies Mish inside every block; same result).
     """
 
-    def __init__(self, dim: int, heads: int, expansion: float, cond_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, expansion: float, cond_dim: int, group_width: int = 1) -> None:
         super().__init__()
         self.norm1 = ModulatedLayerNorm(dim)
-        self.attn = TransposedAttention(dim, heads)
+        self.attn = TransposedAttention(dim, heads, group_width)
         self.norm2 = ModulatedLayerNorm(dim)
-        self.ffn = GatedFeedForward(dim, expansion)
+        self.ffn = GatedFeedForward(dim, expansion, group_width)
         self.modulation = nn.Linear(cond_dim, 4 * dim)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
@@ -299,8 +335,10 @@ class ModulatedTransformerBlock(nn.Module):
 class BlockStack(nn.ModuleList):
     """A sequence of modulated blocks sharing one conditioning vector."""
 
-    def __init__(self, count: int, dim: int, heads: int, expansion: float, cond_dim: int) -> None:
-        super().__init__(ModulatedTransformerBlock(dim, heads, expansion, cond_dim) for _ in range(count))
+    def __init__(self, count: int, dim: int, heads: int, expansion: float, cond_dim: int,
+                 group_width: int = 1) -> None:
+        super().__init__(ModulatedTransformerBlock(dim, heads, expansion, cond_dim, group_width)
+                         for _ in range(count))
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:  # type: ignore[override]
         for block in self:
@@ -410,7 +448,7 @@ class MCFormer(nn.Module):
         super().__init__()
         cfg = cfg if cfg is not None else MCFormerConfig()
         self.cfg = cfg
-        c, exp, levels = cfg.width, cfg.ffn_expansion, cfg.levels
+        c, exp, levels, g = cfg.width, cfg.ffn_expansion, cfg.levels, cfg.mixer_group_width
         dims = [c * 2**i for i in range(levels)]
 
         taps = cfg.kernel_size**2
@@ -433,10 +471,10 @@ class MCFormer(nn.Module):
 
         self.patch_embed = nn.Conv2d(stem_channels, c, kernel_size=3, padding=1, bias=False)
         # Encoder: levels 1 … L-1, each followed by a downsampler.
-        self.encoders = nn.ModuleList(BlockStack(cfg.blocks[i], dims[i], cfg.heads[i], exp, c)
+        self.encoders = nn.ModuleList(BlockStack(cfg.blocks[i], dims[i], cfg.heads[i], exp, c, g)
                                       for i in range(levels - 1))
         self.downs = nn.ModuleList(Downsample(dims[i]) for i in range(levels - 1))
-        self.latent = BlockStack(cfg.blocks[-1], dims[-1], cfg.heads[-1], exp, c)
+        self.latent = BlockStack(cfg.blocks[-1], dims[-1], cfg.heads[-1], exp, c, g)
         # Decoder, deepest level first: upsample, concat skip, 1×1 reduce except at level 1.
         self.ups = nn.ModuleList(Upsample(dims[i + 1]) for i in reversed(range(levels - 1)))
         self.reduces = nn.ModuleList(
@@ -444,11 +482,11 @@ class MCFormer(nn.Module):
             for i in reversed(range(levels - 1))
         )
         self.decoders = nn.ModuleList(
-            BlockStack(cfg.blocks[i], dims[i] if i > 0 else 2 * c, cfg.heads[i], exp, c)
+            BlockStack(cfg.blocks[i], dims[i] if i > 0 else 2 * c, cfg.heads[i], exp, c, g)
             for i in reversed(range(levels - 1))
         )
         top = 2 * c if levels > 1 else c  # the level-1 decoder output keeps the concatenated width
-        self.refinement = BlockStack(cfg.refinement_blocks, top, cfg.heads[0], exp, c)
+        self.refinement = BlockStack(cfg.refinement_blocks, top, cfg.heads[0], exp, c, g)
         self.output = nn.Conv2d(top, cfg.out_channels * cfg.patch_size**2, kernel_size=3, padding=1, bias=False)
 
     # -- kernel branch -----------------------------------------------------
@@ -580,7 +618,9 @@ def describe_complexity(cfg: MCFormerConfig, hr_size: int, scale: int = 4) -> di
     Returns ``parameters``, ``parameters_per_part`` (:meth:`MCFormer.parameter_groups`), ``lr_size``
     and ``gflops``: floating-point operations (2 per multiply-add, convolutions and matrix products
     only) of one forward pass on a ``hr_size``² image, batch 1, counted on the meta device, so
-    nothing is allocated or computed.
+    nothing is allocated or computed. A grouped convolution counts Cin/groups multiply-adds per output
+    and tap (the counter reads the weight's [Cout, Cin/groups, k, k] shape), so the depth-wise or
+    grouped 3×3 mixing of every ``mixer_group_width`` is counted exactly.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -656,9 +696,15 @@ class _Depthwise3x3(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _depthwise3x3(x: Tensor, weight: Tensor) -> Tensor:
-    """Depth-wise 3×3 convolution, zero padding 1, no bias; weight [C, 1, 3, 3]."""
-    return _Depthwise3x3.apply(x, weight)
+def _grouped3x3(x: Tensor, weight: Tensor) -> Tensor:
+    """3×3 convolution, zero padding 1, no bias, in groups of g channels; weight [C, g, 3, 3].
+
+    Depth-wise (g = 1, the paper) runs the hand-written backward above; wider groups are dense enough
+    for autograd's own convolution (``MCFormerConfig.mixer_group_width``).
+    """
+    if weight.shape[1] == 1:
+        return _Depthwise3x3.apply(x, weight)
+    return F.conv2d(x, weight, padding=1, groups=weight.shape[0] // weight.shape[1])
 
 
 class _CosineGram(torch.autograd.Function):
