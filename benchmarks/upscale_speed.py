@@ -18,17 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from blinddiff.fileio import find_images, read_rgb
 from blinddiff.inference import BlindDiff
 
 
 def lr_images(folder: Path, count: int) -> list[np.ndarray]:
-    """The first `count` images of `folder` (sorted by name) as HxWx3 uint8 arrays."""
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif"})
-    if not paths:
-        raise SystemExit(f"error: no images in {folder}; pass --lr a folder of LR images")
-    return [np.asarray(Image.open(path).convert("RGB")) for path in paths[:count]]
+    """The first `count` images of `folder` (sorted by path) as HxWx3 uint8 arrays."""
+    return [read_rgb(path) for path in find_images(folder)[:count]]
 
 
 def main() -> None:
@@ -41,7 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    images = lr_images(args.lr, args.images)
+    try:
+        images = lr_images(args.lr, args.images)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: --lr: {err}") from None
     sizes = sorted({f"{image.shape[1]}×{image.shape[0]}" for image in images})
     print(f"{len(images)} LR images ({', '.join(sizes)}), {torch.get_num_threads()} threads\n")
     print("| model | mode | sampling | s / image (median) | min |\n|---|---|---|---:|---:|")
